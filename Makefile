@@ -1,0 +1,37 @@
+# lightning_opd — run `make help` for the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_PIN := torch==2.13.0
+EXP ?= default
+ARGS ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test lint clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e '.[test]' $(TORCH_PIN)
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv if missing and install the package with its test extra (idempotent)
+
+train: $(STAMP) ## run an experiment: make train EXP=default ARGS="trainer.max_steps=20"
+	$(BIN)/lightning-opd train configs/experiment/$(EXP).yaml $(ARGS)
+
+test: $(STAMP) ## run the test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff check
+	$(BIN)/ruff check .
+
+clean: ## remove runs, caches and the virtual environment
+	rm -rf $(VENV) runs results .cache .pytest_cache .ruff_cache .hypothesis lightning_logs *.egg-info

@@ -1,0 +1,134 @@
+"""Token byte spans and segments (DESIGN §3.1–3.2), vectorised with numpy.
+
+Both tokenizations are of one response string. A token's byte span comes from the cumulative
+lengths of the tokens' canonical bytes — never from decoding token by token, which breaks on a
+multi-byte character split over several byte-level tokens. The student's tokens are the ids it
+*sampled*; their bytes may not even be valid UTF-8 (half a character). Such a stretch becomes
+U+FFFD in the shared text, and the student tokens touching it are marked invalid: they are never
+matched and the segment holding them is left unsupervised, without shifting anything after it.
+
+A 1:1 match is a student token and a teacher token with the same (non-empty) byte span. A segment
+closes at each match: the tokens of both sides since the previous match, up to and including it.
+Both sides of a segment cover the same bytes. EOS on both sides is a final match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+REPLACEMENT = "\ufffd".encode()
+
+
+def _utf8_char_len(lead: int) -> int:
+    if lead < 0x80:
+        return 1
+    if 0xC2 <= lead <= 0xDF:
+        return 2
+    if 0xE0 <= lead <= 0xEF:
+        return 3
+    if 0xF0 <= lead <= 0xF4:
+        return 4
+    return 0  # a continuation byte or an invalid lead
+
+
+def repair_utf8(data: bytes) -> tuple[str, np.ndarray, np.ndarray]:
+    """Decode bytes that may hold invalid UTF-8, keeping a map back to the original offsets.
+
+    Returns (text, offset_map, bad) where offset_map[o] (len(data)+1 entries) is the offset in
+    text.encode() of original byte offset o, and bad[o] marks bytes that were replaced by U+FFFD.
+    Valid input (the usual case) takes the fast path: identity map, nothing bad.
+    """
+    try:
+        text = data.decode("utf-8")
+        return text, np.arange(len(data) + 1), np.zeros(len(data), bool)
+    except UnicodeDecodeError:
+        pass
+    out = bytearray()
+    offset_map = np.zeros(len(data) + 1, np.int64)
+    bad = np.zeros(len(data), bool)
+    i = 0
+    while i < len(data):  # slow path, only for sequences that hold broken characters
+        n = _utf8_char_len(data[i])
+        chunk = data[i : i + n] if n else b""
+        try:
+            ok = n > 0 and len(chunk) == n and chunk.decode("utf-8") is not None
+        except UnicodeDecodeError:
+            ok = False
+        offset_map[i] = len(out)
+        if ok:
+            offset_map[i : i + n] = len(out)
+            out += chunk
+            i += n
+        else:  # one bad byte becomes one U+FFFD
+            bad[i] = True
+            out += REPLACEMENT
+            i += 1
+    offset_map[len(data)] = len(out)
+    return out.decode("utf-8"), offset_map, bad
+
+
+def byte_spans(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of consecutive tokens with the given byte lengths; each (n,) int64."""
+    ends = np.cumsum(lengths, dtype=np.int64)
+    return ends - lengths, ends
+
+
+@dataclass
+class SequenceSegments:
+    """Segments of one response. Segment g covers student tokens [s_bounds[g], s_bounds[g+1])
+    and teacher tokens [t_bounds[g], t_bounds[g+1]); `valid[g]` is False where the student side
+    touches invalid bytes. Tokens past the last boundary are unsupervised."""
+
+    s_bounds: np.ndarray  # (G+1,) int64, starts at 0
+    t_bounds: np.ndarray  # (G+1,) int64, starts at 0
+    valid: np.ndarray  # (G,) bool
+    n_student: int  # student response tokens, EOS included
+    n_invalid: int  # student tokens touching invalid bytes
+
+
+def segment(
+    s_lengths: np.ndarray,
+    t_lengths: np.ndarray,
+    *,
+    s_bad_bytes: np.ndarray | None = None,
+    s_offset_map: np.ndarray | None = None,
+    eos: bool = False,
+) -> SequenceSegments:
+    """Close a segment at every 1:1 match of student and teacher byte spans.
+
+    s_lengths: (n_s,) byte length of each student token (EOS excluded).
+    t_lengths: (n_t,) byte length of each teacher token (EOS excluded).
+    s_bad_bytes / s_offset_map: from `repair_utf8` of the student's bytes (None = valid UTF-8).
+    eos: both sides end with EOS after these tokens (a final 1:1 match).
+    """
+    s_start, s_end = byte_spans(s_lengths)
+    t_start, t_end = byte_spans(t_lengths)
+    s_invalid = np.zeros(len(s_lengths), bool)
+    if s_offset_map is not None:
+        if s_bad_bytes is not None and s_bad_bytes.any():
+            bad_prefix = np.concatenate([[0], np.cumsum(s_bad_bytes)])
+            s_invalid = bad_prefix[s_end] > bad_prefix[s_start]
+        s_start, s_end = s_offset_map[s_start], s_offset_map[s_end]
+    width = int(max(s_end[-1] if len(s_end) else 0, t_end[-1] if len(t_end) else 0)) + 1
+    s_keys = np.where((s_end > s_start) & ~s_invalid, s_start * width + s_end, -1)
+    t_keys = np.where(t_end > t_start, t_start * width + t_end, -2)
+    # non-empty spans of one tokenization are disjoint, so the keys are unique per side
+    _, s_match, t_match = np.intersect1d(s_keys, t_keys, assume_unique=True, return_indices=True)
+    order = np.argsort(s_match)
+    s_match, t_match = s_match[order], t_match[order]
+    s_bounds = np.concatenate([[0], s_match + 1])
+    t_bounds = np.concatenate([[0], t_match + 1])
+    if eos:
+        s_bounds = np.append(s_bounds, len(s_lengths) + 1)
+        t_bounds = np.append(t_bounds, len(t_lengths) + 1)
+    invalid_prefix = np.concatenate([[0], np.cumsum(np.append(s_invalid, False))])
+    valid = invalid_prefix[s_bounds[1:]] == invalid_prefix[s_bounds[:-1]]
+    return SequenceSegments(
+        s_bounds=s_bounds.astype(np.int64),
+        t_bounds=t_bounds.astype(np.int64),
+        valid=valid,
+        n_student=len(s_lengths) + int(eos),
+        n_invalid=int(s_invalid.sum()),
+    )

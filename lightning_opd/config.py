@@ -1,0 +1,249 @@
+"""The configuration schema, and how YAML files and command-line overrides become one config.
+
+Every setting lives in a dataclass below (one per concern), with a docstring-style comment.
+`configs/base.yaml` repeats every default with a one-line comment; experiment files under
+`configs/experiment/` hold only what they change. `load(*files, overrides=[...])` merges
+schema <- base.yaml <- experiment files <- `key=value` overrides, in that order, through
+`OmegaConf.structured`, so an unknown key or a wrong type fails before any work, with a message
+naming the key and the file (or "command line") it came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+BASE_CONFIG = CONFIG_DIR / "base.yaml"
+
+
+@dataclass
+class ArithConfig:
+    """The built-in synthetic arithmetic task (the embedded default)."""
+
+    min_digits: int = 2  # smallest operand length
+    max_digits: int = 3  # largest operand length
+    ops: str = "+-"  # operators to draw from ("+", "-", "*")
+    worked_solution: bool = True  # column-by-column steps before the final answer
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from and how they are batched."""
+
+    source: str = "arith"  # a registered task: arith | jsonl
+    path: Optional[str] = None  # JSONL file for source=jsonl
+    prompt_field: str = "question"  # JSONL field holding the prompt
+    answer_field: str = "answer"  # JSONL field holding the reference answer
+    val_path: Optional[str] = None  # JSONL file of held-out prompts (default: first val_size)
+    on_bad_line: str = "error"  # malformed JSONL line: error | skip (skipped lines are counted)
+    val_size: int = 200  # number of held-out validation prompts
+    batch_size: int = 32  # prompts per optimizer step (per rank)
+    num_workers: int = 0  # DataLoader workers
+    max_prompt_tokens: int = 512  # longer prompts are skipped and counted
+    seed: int = 0  # seed of the prompt stream
+    arith: ArithConfig = field(default_factory=ArithConfig)
+
+
+@dataclass
+class TinyModelConfig:
+    """A small random-initialised model, built from this config instead of loaded."""
+
+    arch: str = "llama"  # llama | qwen2
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class TokenizerConfig:
+    """Where a tokenizer comes from; `train` builds one on the spot from task text."""
+
+    source: str = "train"  # train | a tokenizer.json path | a directory | a hub id | fixture:NAME
+    digits: str = "split"  # for source=train: split (one token per digit) | merge (digit groups)
+    vocab_size: int = 160  # for source=train
+    chat_template: Optional[str] = None  # jinja template; None = the tokenizer's own or fallback
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on the task's worked solutions (teacher prep, student warm start)."""
+
+    steps: int = 0  # 0 = no SFT
+    batch_size: int = 128
+    lr: float = 3e-3
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """One model (student or teacher) and its tokenizer."""
+
+    path: Optional[str] = None  # local path or hub id; None = build `tiny`
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+
+
+@dataclass
+class RolloutConfig:
+    """Student sampling."""
+
+    engine: str = "hf"  # hf (transformers generate)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    samples_per_prompt: int = 1
+
+
+@dataclass
+class AlignerConfig:
+    """How student and teacher tokens of the same text are put into supervision rows."""
+
+    name: str = "exact"  # a registered aligner: exact
+
+
+@dataclass
+class LossConfig:
+    """The divergence per row and its reduction."""
+
+    form: str = "full"  # full (distribution over the row's support) | sampled (policy gradient)
+    divergence: str = "rkl"  # rkl | fkl | jsd (full form only)
+    beta: float = 0.5  # JSD interpolation (0 = forward KL, 1 = reverse KL)
+    temperature: float = 1.0  # softmax temperature of both models in the loss
+    normalizer: str = "response_tokens"  # response_tokens | supervised_tokens
+    chunk_rows: int = 4096  # rows per chunk when building row logits (memory bound)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_ratio: float = 0.05  # fraction of max_steps spent warming up
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    grad_clip: float = 1.0  # max gradient norm (0 = off)
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning trainer flags."""
+
+    max_steps: int = 100
+    accelerator: str = "auto"  # cpu | gpu | auto
+    devices: Any = 1  # int or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp
+    precision: str = "32-true"  # 32-true | bf16-mixed | bf16-true
+    log_every_n_steps: int = 1
+    val_every_n_steps: int = 0  # 0 = validate only before and after training
+    checkpoint_every_n_steps: int = 0  # 0 = only at the end
+    seed: int = 0
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes, and what it logs to."""
+
+    output_dir: str = "runs"  # each run gets a subdirectory here
+    name: Optional[str] = None  # run directory name (default: experiment name + time)
+    cache_dir: str = ".cache/lightning_opd"  # trained tokenizers, SFT'd teacher and student
+    logger: str = "csv"  # csv | tensorboard | wandb
+    resume_from: Optional[str] = None  # checkpoint path to resume from
+
+
+@dataclass
+class Config:
+    """The whole experiment."""
+
+    experiment: str = "default"  # a name for the run
+    data: DataConfig = field(default_factory=DataConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    aligner: AlignerConfig = field(default_factory=AlignerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+class ConfigError(ValueError):
+    """A config problem, with the key and the place it came from in the message."""
+
+
+def _merge(cfg: DictConfig, other: DictConfig, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, other)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"{origin}: bad config key '{key}': {msg}") from None
+
+
+def load(*files: str | Path, overrides: list[str] | tuple[str, ...] = (), base: bool = True) -> Config:
+    """Merge the schema, base.yaml (if `base`), `files` and `key=value` overrides.
+
+    Returns a structured (typed) OmegaConf object that behaves like a `Config`.
+    """
+    cfg = OmegaConf.structured(Config)
+    paths = ([BASE_CONFIG] if base else []) + [Path(f) for f in files]
+    for path in paths:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # YAML syntax errors carry line numbers in their text
+            raise ConfigError(f"{path}: cannot parse YAML: {err}") from None
+        cfg = _merge(cfg, loaded, str(path))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"command line: overrides must look like key=value, got {bad}")
+    if overrides:
+        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command line")
+    validate(cfg)  # type: ignore[arg-type]
+    return cfg  # type: ignore[return-value]
+
+
+_CHOICES = {
+    "data.on_bad_line": ("error", "skip"),
+    "loss.form": ("full", "sampled"),
+    "loss.divergence": ("rkl", "fkl", "jsd"),
+    "loss.normalizer": ("response_tokens", "supervised_tokens"),
+    "student.tokenizer.digits": ("split", "merge"),
+    "teacher.tokenizer.digits": ("split", "merge"),
+    "trainer.strategy": ("auto", "ddp", "fsdp"),
+    "run.logger": ("csv", "tensorboard", "wandb"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Check values that a type alone cannot (choices, ranges)."""
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
+    if cfg.trainer.max_steps < 0:
+        raise ConfigError(f"trainer.max_steps must be >= 0, got {cfg.trainer.max_steps}")
+    if not 0.0 <= cfg.loss.beta <= 1.0:
+        raise ConfigError(f"loss.beta must be in [0, 1], got {cfg.loss.beta}")
+    if cfg.data.source == "jsonl" and not cfg.data.path:
+        raise ConfigError("data.source=jsonl needs data.path")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(cfg))

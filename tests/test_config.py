@@ -1,0 +1,108 @@
+"""Config merging, overrides, and errors that name the key and where it came from."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from lightning_opd import config as config_module
+from lightning_opd.cli import main
+from lightning_opd.config import Config, ConfigError, load
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _keys(node, prefix=""):
+    out = set()
+    for k, v in node.items():
+        out.add(prefix + k)
+        if isinstance(v, dict):
+            out |= _keys(v, prefix + k + ".")
+    return out
+
+
+def test_base_yaml_lists_every_schema_default_with_same_value():
+    schema = OmegaConf.to_container(OmegaConf.structured(Config))
+    base = yaml.safe_load((ROOT / "configs" / "base.yaml").read_text())
+    assert _keys(base) == _keys(schema)
+    # base.yaml repeats the defaults: merging it onto the schema changes nothing
+    assert OmegaConf.to_container(load()) == OmegaConf.to_container(load(base=False))
+
+
+def test_every_base_yaml_setting_has_a_comment():
+    lines = (ROOT / "configs" / "base.yaml").read_text().splitlines()
+    # the teacher block repeats the student's keys; their comments are on the student's lines
+    start = next(i for i, line in enumerate(lines) if line.startswith("teacher:"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("rollout:"))
+    for n, line in enumerate(lines):
+        setting = line.strip() and not line.strip().startswith("#") and not line.rstrip().endswith(":")
+        if setting and not start < n < end:
+            assert "#" in line, f"configs/base.yaml:{n + 1} has no comment: {line!r}"
+
+
+def test_experiment_overrides_base_and_command_line_overrides_experiment(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("trainer:\n  max_steps: 7\nloss:\n  divergence: fkl\n")
+    cfg = load(exp, overrides=["trainer.max_steps=20", "aligner.name=exact"])
+    assert cfg.trainer.max_steps == 20
+    assert cfg.loss.divergence == "fkl"
+    assert cfg.data.batch_size == 32  # untouched default
+
+
+def test_unknown_key_in_file_names_the_key_and_the_file(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("trainer:\n  max_stepz: 7\n")
+    with pytest.raises(ConfigError) as err:
+        load(exp)
+    assert "trainer.max_stepz" in str(err.value)
+    assert str(exp) in str(err.value)
+
+
+def test_unknown_key_on_command_line_is_reported_as_such():
+    with pytest.raises(ConfigError, match=r"command line.*rollout\.temprature"):
+        load(overrides=["rollout.temprature=0.5"])
+
+
+def test_wrong_type_is_an_error_naming_the_key():
+    with pytest.raises(ConfigError, match=r"trainer\.max_steps"):
+        load(overrides=["trainer.max_steps=many"])
+
+
+def test_bad_choice_is_an_error():
+    with pytest.raises(ConfigError, match=r"loss\.divergence"):
+        load(overrides=["loss.divergence=hellinger"])
+
+
+def test_override_without_equals_sign_is_rejected():
+    with pytest.raises(ConfigError, match="key=value"):
+        load(overrides=["trainer.max_steps"])
+
+
+def test_missing_file_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load(tmp_path / "nope.yaml")
+
+
+def test_every_experiment_config_loads():
+    files = sorted((ROOT / "configs" / "experiment").glob("*.yaml"))
+    assert files, "no experiment configs"
+    for f in files:
+        load(f)
+
+
+def test_cli_exits_2_with_a_one_line_message_on_unknown_key(capsys):
+    code = main(["config", str(ROOT / "configs/experiment/default.yaml"), "optim.lrr=1"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "optim.lrr" in err and len(err.splitlines()) == 1
+
+
+def test_schema_sections_are_dataclasses():
+    for f in dataclasses.fields(Config):
+        if f.name != "experiment":
+            assert dataclasses.is_dataclass(f.default_factory())  # type: ignore[misc]
+    assert config_module.BASE_CONFIG.is_file()
