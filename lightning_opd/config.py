@@ -107,7 +107,13 @@ class RolloutConfig:
 class AlignerConfig:
     """How student and teacher tokens of the same text are put into supervision rows."""
 
-    name: str = "exact"  # a registered aligner: exact
+    name: str = "exact"  # a registered aligner: exact | simct | simct_1to1 | random_span | alm | uld
+    span_logit: str = "mean_logit"  # simct span slot: mean_logit (released code) | mean_logprob
+    boundary: str = "match"  # segments close at: match (1:1 tokens) | offset (any common boundary)
+    ratio: float = 0.3  # random_span: fraction of shared-token rows merged into spans
+    alm_temperature: float = 100.0  # alm: binarisation temperature
+    uld_top_k: int = 1024  # uld: sorted probabilities compared (plus one tail bucket)
+    uld_weight: float = 1.5  # uld: weight of the Wasserstein term
 
 
 @dataclass
@@ -218,6 +224,8 @@ def load(*files: str | Path, overrides: list[str] | tuple[str, ...] = (), base: 
 _CHOICES = {
     "data.on_bad_line": ("error", "skip"),
     "loss.form": ("full", "sampled"),
+    "aligner.span_logit": ("mean_logit", "mean_logprob"),
+    "aligner.boundary": ("match", "offset"),
     "loss.divergence": ("rkl", "fkl", "jsd"),
     "loss.normalizer": ("response_tokens", "supervised_tokens"),
     "student.tokenizer.digits": ("split", "merge"),

@@ -78,7 +78,7 @@ def test_shared_vocab_pairs_equal_bytes_and_eos(hand_pair):
     v = hand_pair.vocab
     s_pieces = pieces(hand_pair.student, v.student_ids.tolist())
     t_pieces = pieces(hand_pair.teacher, v.teacher_ids.tolist())
-    pairs = dict(zip(s_pieces, t_pieces))
+    pairs = dict(zip(s_pieces, t_pieces, strict=False))
     assert pairs["<eos>"] == "<eos>"
     assert all(a == b for a, b in pairs.items())  # same byte alphabet on both sides
     assert "12" not in t_pieces  # the teacher's merged tokens have no student counterpart
@@ -126,7 +126,7 @@ def test_exact_on_identical_tokenizers_equals_plain_full_vocabulary_opd(split_to
     torch.manual_seed(0)
     responses = [split_tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("1+2=3", "45-6=39 #### 39")]
     out = segment_responses(pair, responses, [True, False])
-    lengths = [len(r) + e for r, e in zip(responses, [True, False])]
+    lengths = [len(r) + e for r, e in zip(responses, [True, False], strict=False)]
     offsets = torch.tensor([0, lengths[0], sum(lengths)])
     vocab = len(split_tokenizer)
     zs = torch.randn(sum(lengths), vocab, requires_grad=True)
@@ -175,7 +175,7 @@ def test_segment_without_eos_leaves_the_tail_after_the_last_match():
 
 
 def test_repair_utf8_maps_offsets_of_valid_bytes():
-    data = "a".encode() + "÷".encode()[:1] + "b".encode()
+    data = b"a" + "÷".encode()[:1] + b"b"
     text, offset_map, bad = repair_utf8(data)
     assert text == "a\ufffdb"
     assert bad.tolist() == [False, True, False]

@@ -1,6 +1,12 @@
-"""Aligners: how the student's and the teacher's tokens of one response become loss rows."""
+"""Aligners: how the student's and the teacher's tokens of one response become loss rows.
 
-from lightning_opd.align import exact  # noqa: F401  (registers "exact")
+Every module in this package is imported here, so an aligner registers itself just by being a
+file with `@register_aligner("name")`: nothing else changes to add one.
+"""
+
+import importlib
+import pkgutil
+
 from lightning_opd.align.base import (
     ALIGNERS,
     Aligner,
@@ -13,6 +19,9 @@ from lightning_opd.align.base import (
     register_aligner,
 )
 from lightning_opd.align.pairing import TokenizerPair, segment_responses
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "ALIGNERS", "Aligner", "LossSettings", "Rows", "ScoredBatch", "ScoredSide", "Segments",

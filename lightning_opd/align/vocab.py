@@ -36,7 +36,7 @@ def gpt2_byte_decoder() -> dict[str, int]:
             printable.append(b)
             codepoints.append(256 + extra)
             extra += 1
-    return {chr(c): b for b, c in zip(printable, codepoints)}
+    return {chr(c): b for b, c in zip(printable, codepoints, strict=False)}
 
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")

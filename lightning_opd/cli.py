@@ -1,0 +1,95 @@
+"""`lightning-opd` — a thin command line over the library.
+
+    lightning-opd train configs/experiment/default.yaml trainer.max_steps=20 aligner.name=exact
+    lightning-opd config configs/experiment/default.yaml      # print the resolved config
+
+Config problems (unknown key, wrong type, bad value) exit with code 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from lightning_opd.config import ConfigError, load, to_yaml
+
+
+def _split(items: list[str]) -> tuple[list[str], list[str]]:
+    files = [x for x in items if "=" not in x]
+    return files, [x for x in items if "=" in x]
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    files, overrides = _split(args.items)
+    print(to_yaml(load(*files, overrides=overrides)))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    files, overrides = _split(args.items)
+    cfg = load(*files, overrides=overrides)
+    from lightning_opd.train import train
+
+    summary = train(cfg)
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"lightning_opd — {summary.get('experiment')} ({summary.get('run_dir')})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("aligner", "teacher_accuracy", "student_accuracy_before", "student_accuracy_after",
+                "coverage", "final_loss", "steps", "seconds"):  # fmt: skip
+        value = summary.get(key)
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def _items_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("items", nargs="*", help="config files and key=value overrides")
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from lightning_opd.coverage import run_align
+
+    return run_align(args)
+
+
+def _align_arguments(parser: argparse.ArgumentParser) -> None:
+    from lightning_opd.coverage import add_align_arguments
+
+    add_align_arguments(parser)
+
+
+# name -> (run, add its arguments, help)
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {
+    "train": (cmd_train, _items_arguments, "run an experiment: CONFIG.yaml... [key=value...]"),
+    "config": (cmd_config, _items_arguments, "print the resolved config: CONFIG.yaml... [key=value...]"),
+    "align": (cmd_align, _align_arguments, "alignment coverage of tokenizer pairs on a JSONL file"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lightning-opd", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, add_arguments, help_text) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][0](args)
+    except ConfigError as err:
+        print(f"lightning-opd: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

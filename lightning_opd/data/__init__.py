@@ -1,0 +1,36 @@
+"""Prompt data: tasks (what the prompts and rewards are) and the datamodule (how they stream).
+
+`build_task(cfg)` picks a registered task by `data.source` (`arith` | `jsonl`, see
+`tasks.py`); `PromptDataModule(cfg)` streams its examples in batches, sharded over ranks and
+DataLoader workers, resumable from `state_dict()` (see `datamodule.py`).
+"""
+
+from .datamodule import Batch, PromptDataModule, PromptStream
+from .tasks import (
+    ARITH_OPS,
+    TASKS,
+    ArithTask,
+    DataError,
+    Example,
+    JsonlTask,
+    Task,
+    build_task,
+    register_task,
+    split_reference,
+)
+
+__all__ = [
+    "ARITH_OPS",
+    "TASKS",
+    "ArithTask",
+    "Batch",
+    "DataError",
+    "Example",
+    "JsonlTask",
+    "PromptDataModule",
+    "PromptStream",
+    "Task",
+    "build_task",
+    "register_task",
+    "split_reference",
+]

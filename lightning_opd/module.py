@@ -1,0 +1,199 @@
+"""OPDModule: one on-policy distillation step = rollout -> score -> align -> loss.
+
+1. rollout: the student samples responses to its own rendering of each prompt (no grad).
+2. score: the response text is re-tokenized for the teacher, appended to the teacher's own
+   rendering of the prompt, and scored by the frozen teacher (no grad); the student scores its
+   own sampled ids (grad). Logits are kept only at response positions.
+3. align: the aligner maps student and teacher tokens of the same text to supervision rows.
+4. loss: each row's divergence (full form over the row's support, or sampled form), summed and
+   divided by the number of student response tokens in the batch (or of supervised tokens).
+
+Validation answers the held-out prompts greedily before and after training (and every
+`trainer.val_every_n_steps` steps), scored by the task's answer check.
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+
+from lightning_opd import losses
+from lightning_opd.align import LossSettings, ScoredBatch, ScoredSide, TokenizerPair, build_aligner
+from lightning_opd.align.base import pack_segments
+from lightning_opd.align.pairing import segment_responses
+from lightning_opd.config import Config
+from lightning_opd.metrics import AnswerAccuracy
+from lightning_opd.models import render_prompt
+from lightning_opd.rollout.generate import generate, response_logits
+from lightning_opd.sft import evaluate_accuracy, warmup_cosine
+
+
+class OPDModule(L.LightningModule):
+    def __init__(self, cfg: Config, student, teacher, student_tokenizer, teacher_tokenizer, task) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.student = student
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.task = task
+        self.pair = TokenizerPair.build(student_tokenizer, teacher_tokenizer)
+        aligner_options = OmegaConf.to_container(cfg.aligner) if OmegaConf.is_config(cfg.aligner) else vars(cfg.aligner)
+        self.aligner = build_aligner(**aligner_options)
+        self.loss_settings = LossSettings(
+            form=cfg.loss.form, divergence=cfg.loss.divergence, beta=cfg.loss.beta,
+            temperature=cfg.loss.temperature, chunk_rows=cfg.loss.chunk_rows,
+        )  # fmt: skip
+        self.val_accuracy = AnswerAccuracy()
+        self.accuracy_history: list[tuple[int, float]] = []
+        self.skipped_prompts = 0
+        self._update_start = 0.0
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the frozen teacher always scores in eval mode
+        return self
+
+    # --- tokenization ------------------------------------------------------------------------
+    @property
+    def student_tokenizer(self):
+        return self.pair.student
+
+    @property
+    def teacher_tokenizer(self):
+        return self.pair.teacher
+
+    def _prompt_ids(self, tokenizer, examples) -> list[list[int]]:
+        return [
+            tokenizer(render_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
+            for ex in examples
+        ]
+
+    # --- the step ----------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        examples = list(batch)
+        s_prompts = self._prompt_ids(self.student_tokenizer, examples)
+        keep = [i for i, p in enumerate(s_prompts) if len(p) <= self.cfg.data.max_prompt_tokens]
+        self.skipped_prompts += len(examples) - len(keep)
+        examples, s_prompts = [examples[i] for i in keep], [s_prompts[i] for i in keep]
+
+        t0 = time.perf_counter()
+        rollout = generate(
+            self.student, s_prompts, self.cfg.rollout,
+            eos_id=self.student_tokenizer.eos_token_id, pad_id=self.student_tokenizer.pad_token_id,
+        )  # fmt: skip
+        t1 = time.perf_counter()
+        segmented = segment_responses(self.pair, rollout.response_ids, rollout.ended_with_eos)
+        t2 = time.perf_counter()
+
+        s_responses = [
+            r + ([self.student_tokenizer.eos_token_id] if e else [])
+            for r, e in zip(rollout.response_ids, rollout.ended_with_eos, strict=False)
+        ]
+        with torch.no_grad():
+            row_examples = [examples[i] for i in rollout.prompt_index]
+            t_prompts = self._prompt_ids(self.teacher_tokenizer, row_examples)
+            t_logits, t_ids, t_offsets = response_logits(
+                self.teacher, t_prompts, segmented.teacher_ids, self.teacher_tokenizer.pad_token_id
+            )
+        t3 = time.perf_counter()
+        s_logits, s_ids, s_offsets = response_logits(
+            self.student, rollout.prompt_ids, s_responses, self.student_tokenizer.pad_token_id
+        )
+        t4 = time.perf_counter()
+
+        segments = pack_segments(segmented.segments, s_offsets.numpy(), t_offsets.numpy())
+        scored = ScoredBatch(
+            ScoredSide(s_logits, s_ids, s_offsets), ScoredSide(t_logits, t_ids, t_offsets), self.pair.vocab
+        )
+        rows = self.aligner.build_rows(segments, scored)
+        rows = self.weight_rows(rows, scored)
+        t5 = time.perf_counter()
+        per_row = self.aligner.row_losses(rows, scored, self.loss_settings)
+        supervised = rows.supervised_student_tokens
+        normalizer = segments.n_student_tokens if self.cfg.loss.normalizer == "response_tokens" else supervised
+        loss = losses.reduce_rows(per_row, rows.weight.to(per_row.device), normalizer)
+        t6 = time.perf_counter()
+
+        texts = segmented.texts
+        reward = [float(self.task.check(t, row_examples[i])) for i, t in enumerate(texts)]
+        n_batch = len(texts)
+        self._log_train({
+            "train/loss": loss.detach(),
+            "train/coverage": supervised / max(segments.n_student_tokens, 1),
+            "train/rows": float(len(rows)),
+            "train/response_len": sum(rollout.response_lengths) / max(n_batch, 1),
+            "train/eos_rate": sum(rollout.ended_with_eos) / max(n_batch, 1),
+            "train/reward": sum(reward) / max(n_batch, 1),
+            "train/unaligned_sequences": float(segments.n_unaligned_sequences),
+            "train/invalid_utf8_tokens": float(segments.n_invalid_tokens),
+            "train/skipped_prompts": float(self.skipped_prompts),
+            "perf/rollout_s": t1 - t0,
+            "perf/align_s": (t2 - t1) + (t5 - t4),
+            "perf/teacher_s": t3 - t2,
+            "perf/student_forward_s": t4 - t3,
+            "perf/loss_s": t6 - t5,
+        }, batch_size=max(n_batch, 1))  # fmt: skip
+        self._update_start = time.perf_counter()
+        return loss
+
+    def weight_rows(self, rows, scored):
+        """Per-row weights (uniform here; SOD step weights plug in at this point)."""
+        return rows
+
+    def _log_train(self, values: dict, batch_size: int) -> None:
+        for name, value in values.items():
+            self.log(name, value, on_step=True, on_epoch=False, prog_bar=name in ("train/loss", "train/coverage"),
+                     batch_size=batch_size, sync_dist=False)  # fmt: skip
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # backward + optimizer step happened between the end of training_step and here
+        self.log("perf/update_s", time.perf_counter() - self._update_start, on_step=True, on_epoch=False)
+        every = self.cfg.trainer.val_every_n_steps
+        if every and self.global_step % every == 0 and self.global_step < self.cfg.trainer.max_steps:
+            self.run_validation()
+
+    # --- validation --------------------------------------------------------------------------
+    def run_validation(self) -> float:
+        """Greedy accuracy on this rank's share of the held-out prompts (synced across ranks)."""
+        examples = self.task.validation_set()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            examples = examples[self.trainer.global_rank :: self.trainer.world_size]
+        self.val_accuracy.reset()
+        accuracy = evaluate_accuracy(
+            self.student, self.student_tokenizer, examples, self.task,
+            max_new_tokens=self.cfg.rollout.max_new_tokens, metric=self.val_accuracy,
+        )  # fmt: skip
+        self.accuracy_history.append((int(self.global_step), accuracy))
+        if self._trainer is not None and self.trainer.logger is not None:
+            self.trainer.logger.log_metrics({"val/accuracy": accuracy}, step=self.global_step)
+        return accuracy
+
+    def on_train_start(self) -> None:
+        if not self.accuracy_history:  # a resumed run already measured "before"
+            self.run_validation()
+
+    def on_train_end(self) -> None:
+        self.run_validation()
+
+    # --- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        opt = torch.optim.AdamW(
+            self.student.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas)
+        )
+        total = max(1, self.cfg.trainer.max_steps)
+        warmup = int(o.warmup_ratio * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup, o.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["opd_accuracy_history"] = self.accuracy_history
+        # the teacher is frozen and rebuilt from its cache: keep it out of the checkpoint
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.accuracy_history = [tuple(x) for x in checkpoint.get("opd_accuracy_history", [])]
+        teacher_state = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+        checkpoint["state_dict"].update(teacher_state)

@@ -1,0 +1,119 @@
+"""Student rollouts with Hugging Face `generate`, and the forward passes that score them.
+
+Prompts are rendered with the model's own chat template and left-padded, so every response
+starts at the same column; `generate` samples with a KV cache until EOS or `max_new_tokens`.
+A response is cut after its first EOS; the masks tell prompt, response and padding apart.
+
+Scoring lays each sequence out as [left padding | prompt | response | right padding], with
+position ids counted from the first real token, and keeps logits only at the positions that
+predict response tokens (never the prompt's): `response_logits` returns them packed (N, V).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lightning_opd.config import RolloutConfig
+
+
+@dataclass
+class Rollout:
+    """Sampled responses of a batch. Rows are prompts repeated `samples_per_prompt` times."""
+
+    prompt_ids: list[list[int]]  # rendered prompt tokens, one list per row
+    response_ids: list[list[int]]  # sampled tokens, EOS excluded
+    ended_with_eos: list[bool]
+    prompt_index: list[int]  # which input prompt each row came from
+
+    @property
+    def response_lengths(self) -> list[int]:  # EOS included where generated
+        return [len(r) + int(e) for r, e in zip(self.response_ids, self.ended_with_eos, strict=False)]
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompt_ids: list[list[int]],
+    cfg: RolloutConfig,
+    *,
+    eos_id: int,
+    pad_id: int,
+    greedy: bool = False,
+    synced_gpus: bool = False,
+) -> Rollout:
+    """Sample `cfg.samples_per_prompt` responses per prompt (greedy: one, argmax).
+
+    The model is put in eval mode for sampling and returned to its previous mode afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(prompt_ids, pad_id)
+    n = 1 if greedy else cfg.samples_per_prompt
+    sampling = {} if greedy else {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
+    try:
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=not greedy,
+            max_new_tokens=cfg.max_new_tokens,
+            num_return_sequences=n,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            use_cache=True,
+            synced_gpus=synced_gpus,
+            **sampling,
+        )
+    finally:
+        model.train(was_training)
+    responses = out[:, ids.shape[1] :].tolist()
+    rows_prompt = [p for p in prompt_ids for _ in range(n)]
+    response_ids, ended = [], []
+    for r in responses:
+        cut = r.index(eos_id) if eos_id in r else None
+        response_ids.append(r[:cut] if cut is not None else r)
+        ended.append(cut is not None)
+    index = [i for i in range(len(prompt_ids)) for _ in range(n)]
+    return Rollout(rows_prompt, response_ids, ended, index)
+
+
+def response_logits(
+    model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits predicting each response token, packed over the batch.
+
+    prompts, responses: B lists of ids (responses include EOS where there is one).
+    Returns (logits (N, V), ids (N,), offsets (B+1,)), N = total response tokens; sequence b
+    owns packed rows offsets[b]:offsets[b+1]. Rows for empty responses are simply absent.
+    """
+    device = next(model.parameters()).device
+    p_ids, p_mask = _left_pad(prompts, pad_id)  # (B, P)
+    width = max((len(r) for r in responses), default=0)
+    r_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    r_mask = torch.zeros((len(responses), width), dtype=torch.long)
+    for i, r in enumerate(responses):
+        r_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        r_mask[i, : len(r)] = 1
+    ids = torch.cat([p_ids, r_ids], 1).to(device)  # (B, P+R)
+    mask = torch.cat([p_mask, r_mask], 1).to(device)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    # positions P-1 .. P+R-2 predict the response tokens: the last R+1 columns minus the final one
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=width + 1)
+    logits = out.logits[:, :-1]  # (B, R, V)
+    keep = r_mask.bool().to(device)
+    lengths = torch.tensor([len(r) for r in responses], dtype=torch.long)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    return logits[keep], r_ids.to(device)[keep], offsets

@@ -1,0 +1,84 @@
+"""Supervised fine-tuning on a task's reference solutions, and greedy answer evaluation.
+
+Used to prepare the embedded default: the teacher is trained by SFT until it solves the task
+(cached, see prepare.py), and the student gets a short SFT warm start so that on-policy
+distillation begins from a weak but non-random policy, as in the papers. This is a plain
+PyTorch loop (not Lightning): it runs once, before training, on one process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from lightning_opd.config import RolloutConfig, SFTConfig
+from lightning_opd.metrics import AnswerAccuracy
+from lightning_opd.models import render_prompt
+from lightning_opd.rollout.generate import generate
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine decay to `min_ratio`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def sft_batch(tokenizer, examples, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels) with the loss on solution + EOS tokens only."""
+    seqs, label_seqs = [], []
+    for ex in examples:
+        prompt = tokenizer(render_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(ex.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        seqs.append(prompt + answer)
+        label_seqs.append([-100] * len(prompt) + answer)
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, lab) in enumerate(zip(seqs, label_seqs, strict=False)):
+        ids[i, : len(s)], labels[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), torch.tensor(lab), 1
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def supervised_finetune(model, tokenizer, task, cfg: SFTConfig, *, log_every: int = 100) -> dict:
+    """Train `model` for cfg.steps on task examples drawn from a stream of seed cfg.seed."""
+    device = next(model.parameters()).device
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    warmup = max(1, cfg.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, warmup, 0.05))
+    stream = task.stream(shard=0, num_shards=1, start=cfg.seed * 10_000_000)
+    start, loss_value = time.time(), float("nan")
+    for step in range(cfg.steps):
+        examples = [next(stream) for _ in range(cfg.batch_size)]
+        ids, mask, labels = sft_batch(tokenizer, examples, device)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_value = loss.item()
+        if log_every and (step + 1) % log_every == 0:
+            print(f"  sft step {step + 1}/{cfg.steps}  loss {loss_value:.4f}  {time.time() - start:.0f}s")
+    return {"sft_steps": cfg.steps, "sft_final_loss": loss_value, "sft_seconds": time.time() - start}
+
+
+@torch.no_grad()
+def evaluate_accuracy(model, tokenizer, examples, task, *, max_new_tokens: int, batch_size: int = 256,
+                      metric: AnswerAccuracy | None = None) -> float:  # fmt: skip
+    """Greedy answers to `examples`, scored by the task's answer check; returns accuracy."""
+    metric = metric or AnswerAccuracy()
+    rollout_cfg = RolloutConfig(max_new_tokens=max_new_tokens)
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        prompts = [tokenizer(render_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"] for ex in chunk]
+        out = generate(model, prompts, rollout_cfg, eos_id=tokenizer.eos_token_id,
+                       pad_id=tokenizer.pad_token_id, greedy=True)  # fmt: skip
+        texts = tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
+        metric.update(texts, chunk)
+    return float(metric.compute())

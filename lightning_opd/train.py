@@ -1,0 +1,128 @@
+"""`train(cfg) -> summary`: the whole experiment as one function, callable from tests.
+
+prepare (tokenizers, teacher SFT, student warm start; cached) -> OPDModule -> Lightning
+Trainer.fit -> summary.json. The run directory holds the resolved config (`config.yaml`),
+the logged metrics (`metrics.csv`), checkpoints and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+from lightning_opd.config import Config, save
+from lightning_opd.data import PromptDataModule
+from lightning_opd.module import OPDModule
+from lightning_opd.prepare import prepare
+from lightning_opd.sft import evaluate_accuracy
+
+SUMMARY_KEYS = ("student_accuracy_before", "student_accuracy_after", "teacher_accuracy", "coverage",
+                "aligner", "steps", "seconds")  # fmt: skip
+
+
+def run_directory(cfg: Config) -> Path:
+    name = cfg.run.name or f"{cfg.experiment}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    path = Path(cfg.run.output_dir) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def build_logger(cfg: Config, run_dir: Path):
+    from lightning.pytorch import loggers
+
+    if cfg.run.logger == "tensorboard":
+        return loggers.TensorBoardLogger(save_dir=str(run_dir), name="", version="")
+    if cfg.run.logger == "wandb":
+        return loggers.WandbLogger(save_dir=str(run_dir), name=run_dir.name, project="lightning_opd")
+    return loggers.CSVLogger(save_dir=str(run_dir), name="", version="")
+
+
+def build_trainer(cfg: Config, run_dir: Path) -> L.Trainer:
+    from lightning_opd.strategy import build_strategy
+
+    t = cfg.trainer
+    callbacks = [ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
+                                 every_n_train_steps=t.checkpoint_every_n_steps or None)]  # fmt: skip
+    if t.progress_bar:
+        callbacks.append(RichProgressBar(leave=True))
+    return L.Trainer(
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=build_strategy(cfg),
+        precision=t.precision,
+        logger=build_logger(cfg, run_dir),
+        callbacks=callbacks,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        default_root_dir=str(run_dir),
+    )
+
+
+def train(cfg: Config) -> dict:
+    """Run one experiment; returns the summary (also written to <run_dir>/summary.json)."""
+    start = time.time()
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    run_dir = run_directory(cfg)
+    save(cfg, run_dir / "config.yaml")
+
+    datamodule = PromptDataModule(cfg.data)
+    prepared = prepare(cfg, datamodule.task)
+    module = OPDModule(cfg, prepared.student, prepared.teacher, prepared.student_tokenizer,
+                       prepared.teacher_tokenizer, datamodule.task)  # fmt: skip
+    teacher_accuracy = prepared.info.get("teacher_accuracy")
+    if teacher_accuracy is None:
+        teacher_accuracy = evaluate_accuracy(prepared.teacher, prepared.teacher_tokenizer,
+                                             datamodule.val_examples(), datamodule.task,
+                                             max_new_tokens=cfg.rollout.max_new_tokens)  # fmt: skip
+
+    trainer = build_trainer(cfg, run_dir)
+    train_start = time.time()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.run.resume_from)
+    history = module.accuracy_history
+    summary = {
+        "experiment": cfg.experiment,
+        "aligner": cfg.aligner.name,
+        "student_accuracy_before": history[0][1] if history else None,
+        "student_accuracy_after": history[-1][1] if history else None,
+        "teacher_accuracy": teacher_accuracy,
+        "coverage": _mean(_column(run_dir, "train/coverage")),
+        "final_loss": None,
+        "steps": int(trainer.global_step),
+        "seconds": time.time() - start,
+        "train_seconds": time.time() - train_start,
+        "bad_lines": datamodule.bad_lines,
+        "skipped_prompts": module.skipped_prompts,
+        "accuracy_history": history,
+        "run_dir": str(run_dir),
+        **{f"prepare/{k}": v for k, v in prepared.info.items()},
+    }
+    losses_logged = _column(run_dir, "train/loss")
+    summary["final_loss"] = losses_logged[-1] if losses_logged else None
+    if trainer.is_global_zero:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _column(run_dir: Path, column: str) -> list[float]:
+    """One logged metric's values, in step order, from metrics.csv."""
+    import csv
+
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    return [float(r[column]) for r in csv.DictReader(path.open()) if r.get(column) not in (None, "")]

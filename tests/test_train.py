@@ -1,0 +1,92 @@
+"""The whole pipeline on CPU with tiny models: train(cfg), its run directory, resume, every config."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from lightning_opd.cli import main
+from lightning_opd.config import load
+from lightning_opd.train import SUMMARY_KEYS, train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "student.tiny.hidden_size=32", "student.tiny.num_layers=1", "student.tiny.num_heads=2",
+    "student.tiny.intermediate_size=64", "teacher.tiny.hidden_size=32", "teacher.tiny.num_layers=1",
+    "teacher.tiny.num_heads=2", "teacher.tiny.intermediate_size=64",
+    "student.sft.steps=2", "teacher.sft.steps=2", "student.sft.batch_size=8", "teacher.sft.batch_size=8",
+    "data.batch_size=4", "data.val_size=4", "rollout.max_new_tokens=12", "trainer.max_steps=2",
+    "trainer.progress_bar=false", "trainer.accelerator=cpu",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_cfg(tmp_path: Path, cache_dir: Path, *extra: str, experiment: str = "default"):
+    overrides = TINY + [f"run.output_dir={tmp_path}", f"run.cache_dir={cache_dir}", *extra]
+    return load(ROOT / "configs" / "experiment" / f"{experiment}.yaml", overrides=overrides)
+
+
+def test_train_writes_run_directory_and_summary(tmp_path, cache_dir):
+    summary = train(tiny_cfg(tmp_path, cache_dir, "run.name=run1"))
+    run_dir = tmp_path / "run1"
+    for key in SUMMARY_KEYS:
+        assert key in summary
+    assert summary["steps"] == 2
+    assert 0.0 <= summary["coverage"] <= 1.0
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["steps"] == 2 and on_disk["aligner"] == "exact"
+    assert (run_dir / "config.yaml").read_text().count("max_steps: 2") == 1
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    columns = set(rows[0])
+    for name in ("train/loss", "train/coverage", "train/response_len", "train/reward", "perf/rollout_s",
+                 "perf/teacher_s", "perf/align_s", "perf/update_s", "val/accuracy"):  # fmt: skip
+        assert name in columns, name
+    losses = [float(r["train/loss"]) for r in rows if r["train/loss"]]
+    assert len(losses) == 2 and all(x == x for x in losses)  # finite, not NaN
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_second_run_reuses_the_cached_teacher(tmp_path, cache_dir):
+    train(tiny_cfg(tmp_path, cache_dir, "run.name=a"))
+    summary = train(tiny_cfg(tmp_path, cache_dir, "run.name=b"))
+    assert summary["prepare/teacher_cache"] == "hit"
+    assert summary["prepare/student_cache"] == "hit"
+
+
+def test_resume_from_checkpoint_continues_the_step_count(tmp_path, cache_dir):
+    train(tiny_cfg(tmp_path, cache_dir, "run.name=first"))
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    summary = train(tiny_cfg(tmp_path, cache_dir, "run.name=second", "trainer.max_steps=3",
+                             f"run.resume_from={ckpt}"))  # fmt: skip
+    assert summary["steps"] == 3
+    rows = list(csv.DictReader((tmp_path / "second" / "metrics.csv").open()))
+    assert len([r for r in rows if r["train/loss"]]) == 1  # only the third step ran
+
+
+@pytest.mark.parametrize("form", ["full", "sampled"])
+def test_both_loss_forms_train(tmp_path, cache_dir, form):
+    summary = train(tiny_cfg(tmp_path, cache_dir, f"loss.form={form}", "trainer.max_steps=1"))
+    assert summary["final_loss"] == summary["final_loss"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "experiment").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_experiment_config_runs_one_tiny_step(tmp_path, cache_dir, path):
+    cfg = tiny_cfg(tmp_path, cache_dir, "trainer.max_steps=1", experiment=path.stem)
+    if cfg.student.path or cfg.teacher.path:
+        pytest.skip("needs downloaded models")
+    assert train(cfg)["steps"] == 1
+
+
+def test_cli_train_prints_the_results_table(tmp_path, cache_dir, capsys):
+    args = ["train", str(ROOT / "configs/experiment/default.yaml"), *TINY, f"run.output_dir={tmp_path}",
+            f"run.cache_dir={cache_dir}", "run.name=cli"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "student_accuracy_after" in out and "coverage" in out
