@@ -77,6 +77,9 @@ class OPDModule(L.LightningModule):
         keep = [i for i, p in enumerate(s_prompts) if len(p) <= self.cfg.data.max_prompt_tokens]
         self.skipped_prompts += len(examples) - len(keep)
         examples, s_prompts = [examples[i] for i in keep], [s_prompts[i] for i in keep]
+        if not examples:  # every prompt was too long: skip the step, training goes on
+            self.log("train/skipped_prompts", float(self.skipped_prompts), on_step=True)
+            return None
 
         t0 = time.perf_counter()
         rollout = generate(
@@ -129,6 +132,7 @@ class OPDModule(L.LightningModule):
             "train/unaligned_sequences": float(segments.n_unaligned_sequences),
             "train/invalid_utf8_tokens": float(segments.n_invalid_tokens),
             "train/skipped_prompts": float(self.skipped_prompts),
+            "train/bad_lines": float(self._bad_lines()),
             "perf/rollout_s": t1 - t0,
             "perf/align_s": (t2 - t1) + (t5 - t4),
             "perf/teacher_s": t3 - t2,
@@ -137,6 +141,10 @@ class OPDModule(L.LightningModule):
         }, batch_size=max(n_batch, 1))  # fmt: skip
         self._update_start = time.perf_counter()
         return loss
+
+    def _bad_lines(self) -> int:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return int(getattr(datamodule, "bad_lines", 0) or 0)
 
     def weight_rows(self, rows, scored):
         """Per-row weights (uniform here; SOD step weights plug in at this point)."""

@@ -11,6 +11,7 @@ and SFT'd only if their `sft.steps` asks for it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from lightning_opd.models import (
     tiny_model,
     train_tokenizer,
 )
-from lightning_opd.sft import evaluate_accuracy, supervised_finetune
+from lightning_opd.sft import endless_examples, evaluate_accuracy, supervised_finetune
 
 CACHE_VERSION = 1
 TOKENIZER_CORPUS = 4000  # task examples the on-the-spot tokenizers are trained on
@@ -64,8 +65,7 @@ def _tokenizer(cfg: Config, role: str, task, cache: Path) -> tuple[object, str]:
 
         return AutoTokenizer.from_pretrained(directory), key
     corpus = []
-    for i in range(TOKENIZER_CORPUS):
-        ex = task.example(i)
+    for ex in itertools.islice(endless_examples(task), TOKENIZER_CORPUS):
         corpus += [ex.prompt, ex.solution]
     tok = train_tokenizer(corpus, mcfg.tokenizer, teacher=(role == "teacher"))
     tok.save_pretrained(directory)
@@ -89,7 +89,7 @@ def _model(cfg: Config, role: str, tokenizer, tok_key: str, task, cache: Path, i
     model = load_model(mcfg) if mcfg.path else tiny_model(mcfg.tiny, tokenizer, seed=mcfg.sft.seed)
     meta: dict = {"parameters": sum(p.numel() for p in model.parameters())}
     if mcfg.sft.steps > 0:
-        print(f"[prepare] SFT of the {role} for {mcfg.sft.steps} steps (cached in {directory})")
+        print(f"[prepare] SFT of the {role} for {mcfg.sft.steps} steps (cached in {directory})", flush=True)
         meta.update(supervised_finetune(model, tokenizer, task, mcfg.sft))
     if role == "teacher":
         start = time.time()
@@ -97,7 +97,7 @@ def _model(cfg: Config, role: str, tokenizer, tok_key: str, task, cache: Path, i
             model, tokenizer, task.validation_set(), task, max_new_tokens=cfg.rollout.max_new_tokens
         )
         meta["eval_seconds"] = time.time() - start
-        print(f"[prepare] teacher accuracy on the held-out set: {meta['accuracy']:.3f}")
+        print(f"[prepare] teacher accuracy on the held-out set: {meta['accuracy']:.3f}", flush=True)
     save_pretrained(model, tokenizer, directory)
     meta_path.write_text(json.dumps(meta, indent=2))
     info.update({f"{role}_{k}": v for k, v in meta.items()})

@@ -27,6 +27,18 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def endless_examples(task, start: int = 0):
+    """The task's training examples from `start` on, cycling over a finite file."""
+    while True:
+        count = 0
+        for example in task.stream(shard=0, num_shards=1, start=start):
+            count += 1
+            yield example
+        if count == 0 and start == 0:
+            raise ValueError("the task has no training examples", flush=True)
+        start = 0
+
+
 def sft_batch(tokenizer, examples, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, labels) with the loss on solution + EOS tokens only."""
     seqs, label_seqs = [], []
@@ -51,7 +63,7 @@ def supervised_finetune(model, tokenizer, task, cfg: SFTConfig, *, log_every: in
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
     warmup = max(1, cfg.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, warmup, 0.05))
-    stream = task.stream(shard=0, num_shards=1, start=cfg.seed * 10_000_000)
+    stream = endless_examples(task, start=cfg.seed * 10_000_000)
     start, loss_value = time.time(), float("nan")
     for step in range(cfg.steps):
         examples = [next(stream) for _ in range(cfg.batch_size)]
@@ -64,7 +76,7 @@ def supervised_finetune(model, tokenizer, task, cfg: SFTConfig, *, log_every: in
         sched.step()
         loss_value = loss.item()
         if log_every and (step + 1) % log_every == 0:
-            print(f"  sft step {step + 1}/{cfg.steps}  loss {loss_value:.4f}  {time.time() - start:.0f}s")
+            print(f"  sft step {step + 1}/{cfg.steps}  loss {loss_value:.4f}  {time.time() - start:.0f}s", flush=True)
     return {"sft_steps": cfg.steps, "sft_final_loss": loss_value, "sft_seconds": time.time() - start}
 
 

@@ -348,7 +348,8 @@ class JsonlTask:
         if self._val is None:
             self.val_bad_lines = 0
             if self.val_path is not None:
-                self._val = [ex for _, ex in self._valid(self.val_path)]
+                # the first val_size examples of the validation file
+                self._val = [ex for _, ex in islice(self._valid(self.val_path), self.val_size)]
             else:
                 pairs = list(islice(self._valid(self.path), self.val_size))
                 if len(pairs) < self.val_size:
