@@ -104,6 +104,47 @@ class RolloutConfig:
 
 
 @dataclass
+class SandboxConfig:
+    """Limits of the Python sandbox that runs model-generated tool calls."""
+
+    timeout_s: float = 10.0  # wall-clock limit per call
+    memory_mb: int = 1024  # address-space limit
+    require_isolation: bool = False  # true: a missing bubblewrap is an error, not a warning
+
+
+@dataclass
+class ToolsConfig:
+    """Tool-integrated rollouts: the student may call a Python interpreter."""
+
+    enabled: bool = False
+    format: str = "fenced"  # fenced (```python blocks) | hermes (<tool_call>{...}</tool_call>)
+    max_turns: int = 16  # tool calls per response at most
+    max_output_chars: int = 256  # observations are middle-truncated to this length
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+
+
+@dataclass
+class SODConfig:
+    """SOD step-wise weighting of the distillation signal (DESIGN §4)."""
+
+    enabled: bool = False
+    delta: float = 0.2  # weights are capped at 1 + delta
+    eps: float = 1e-6  # added to divergences in the ratio
+    reference: str = "first"  # divergence the steps are compared with: first | previous | running_mean
+    split: str = "tool_turns"  # steps: tool_turns (between tool calls) | delimiter (tool-free reasoning)
+    delimiter: str = "\n\n"  # split=delimiter: the step separator (a blank line)
+
+
+@dataclass
+class RLConfig:
+    """Optional GRPO mixing: group-normalised outcome advantage + coef * OPD advantage."""
+
+    outcome_coef: float = 0.0  # weight of the outcome advantage; 0 = pure distillation
+    opd_coef: float = 1.0  # lambda: weight of the (SOD-weighted) teacher-student advantage
+    group_size: int = 1  # responses per prompt for group normalisation (= rollout.samples_per_prompt)
+
+
+@dataclass
 class AlignerConfig:
     """How student and teacher tokens of the same text are put into supervision rows."""
 
@@ -178,6 +219,9 @@ class Config:
     teacher: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     aligner: AlignerConfig = field(default_factory=AlignerConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
+    sod: SODConfig = field(default_factory=SODConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -226,6 +270,9 @@ _CHOICES = {
     "loss.form": ("full", "sampled"),
     "aligner.span_logit": ("mean_logit", "mean_logprob"),
     "aligner.boundary": ("match", "offset"),
+    "tools.format": ("fenced", "hermes"),
+    "sod.reference": ("first", "previous", "running_mean"),
+    "sod.split": ("tool_turns", "delimiter"),
     "loss.divergence": ("rkl", "fkl", "jsd"),
     "loss.normalizer": ("response_tokens", "supervised_tokens"),
     "student.tokenizer.digits": ("split", "merge"),

@@ -26,6 +26,11 @@ class Rollout:
     response_ids: list[list[int]]  # sampled tokens, EOS excluded
     ended_with_eos: list[bool]
     prompt_index: list[int]  # which input prompt each row came from
+    # tool-integrated rollouts (rollout/tools.py) also fill these, aligned with response_ids:
+    loss_mask: list[list[int]] | None = None  # 1 = model-generated token, 0 = observation/template
+    step_ids: list[list[int]] | None = None  # SOD step of each token (0, 1, ...); -1 for masked tokens
+    tool_calls: list[int] | None = None  # tool calls made per row
+    tool_successes: list[int] | None = None  # of which ran with ok=True
 
     @property
     def response_lengths(self) -> list[int]:  # EOS included where generated
