@@ -110,13 +110,13 @@ class OPDModule(L.LightningModule):
         scored = ScoredBatch(
             ScoredSide(s_logits, s_ids, s_offsets), ScoredSide(t_logits, t_ids, t_offsets), self.pair.vocab
         )
-        rows = self.aligner.build_rows(segments, scored)
+        rows = self.aligner.build_rows(segments, scored).to(s_logits.device)
         rows = self.weight_rows(rows, scored)
         t5 = time.perf_counter()
         per_row = self.aligner.row_losses(rows, scored, self.loss_settings)
         supervised = rows.supervised_student_tokens
         normalizer = segments.n_student_tokens if self.cfg.loss.normalizer == "response_tokens" else supervised
-        loss = losses.reduce_rows(per_row, rows.weight.to(per_row.device), normalizer)
+        loss = losses.reduce_rows(per_row, rows.weight, normalizer)
         t6 = time.perf_counter()
 
         texts = segmented.texts

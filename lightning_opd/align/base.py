@@ -21,7 +21,7 @@ A new aligner is a file with `@register_aligner("name")` and a class implementin
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -92,6 +92,11 @@ class Rows:
 
     def __len__(self) -> int:
         return int(self.student_pos.numel())
+
+    def to(self, device: torch.device | str) -> Rows:
+        """The same rows with every index tensor on `device` (where the logits live)."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)}
+        return Rows(**moved)
 
     @property
     def supervised_student_tokens(self) -> int:

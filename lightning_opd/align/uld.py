@@ -1,0 +1,94 @@
+"""`uld`: universal logit distillation (Boizard et al., 2024), a coarse baseline.
+
+ULD needs no vocabulary correspondence at all (it works even if V∩ were empty): at an aligned
+position it compares the two models' next-token distributions *as sorted lists of
+probabilities*, forgetting which token holds which mass. With p = softmax(z^S_k / T) over the
+student's full vocabulary V_S and q = softmax(z^T_l / T) over the teacher's V_T, both sorted
+descending (p_(1) ≥ p_(2) ≥ ...), and K = min(`uld_top_k`, |V_S|, |V_T|):
+
+    W1(p, q) = Σ_{i=1}^{K} |p_(i) − q_(i)| + |r_p − r_q|,    r = 1 − Σ_{i≤K} p_(i)  (tail bucket)
+
+    L_r = λ · W1,   λ = `uld_weight` (1.5).
+
+Because the two supports are unrelated, ULD takes the closed form of the Wasserstein-1
+distance in which each sorted rank is transported to the same rank: the L1 distance between the
+sorted vectors (the paper's form, and the released SimCT baseline `kdflow/algorithms/uld.py`,
+which pads the smaller vocabulary with zeros before sorting). The tail bucket makes top-K
+exact when K = the smaller vocabulary: the zero padding of the released full sort contributes
+Σ_{i>K} q_(i) = r_q, which is what one bucket holds. Top-K (`torch.topk`) keeps the cost at
+O(V) per row instead of a full sort; `uld_top_k` ≤ 0 means no truncation. The defaults
+(K = 1024, λ = 1.5, T = 1) are the released ones.
+
+*Aligned positions.* The released code aligns the two token streams greedily and compares the
+models only at 1:1 matches: a student and a teacher token with the same text that start at the
+same place (equal prefixes). Both models then predict the same piece of text after the same
+text, so comparing their distributions is meaningful; inside a span they would predict
+different pieces (`1` vs `12`). Our segments close exactly at the 1:1 matches (DESIGN §3.2), so a
+row sits at the *last* student and teacher token of every segment — shared-token positions and
+the matched token that closes each span — and supervises that one student token. With
+`boundary: offset` a segment may end on tokens that started at different bytes, and the 1:1
+matches are exactly the one-token segments, so only those are kept.
+
+`loss.divergence` does not apply; `loss.form=sampled` falls back to the base class's sampled
+form on the same rows (per-token OPD at the matched tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_opd.align.base import (
+    Aligner,
+    LossSettings,
+    Rows,
+    ScoredBatch,
+    Segments,
+    chunked,
+    register_aligner,
+)
+
+
+def sorted_probs(logits: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    """Top-k probabilities of softmax(logits / T), descending, plus the remaining mass as one
+    last bucket: (r, V) -> (r, k+1), float32."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (r, V)
+    if k < probs.shape[-1]:
+        top = torch.topk(probs, k, dim=-1, sorted=True).values  # (r, k)
+    else:
+        top = torch.sort(probs, dim=-1, descending=True).values  # (r, V), k == V
+    tail = (1.0 - top.sum(-1, keepdim=True)).clamp_min(0.0)  # (r, 1); ~0 when k == V
+    return torch.cat([top, tail], dim=-1)
+
+
+def sorted_w1(student_logits: torch.Tensor, teacher_logits: torch.Tensor, top_k: int,
+              temperature: float) -> torch.Tensor:  # fmt: skip
+    """L1 distance between the sorted probability vectors, (r, V_S), (r, V_T) -> (r,).
+    The teacher is detached; the vocabularies may differ in size."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    smaller = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    k = smaller if top_k <= 0 else min(int(top_k), smaller)
+    p = sorted_probs(student_logits, k, temperature)  # (r, k+1)
+    q = sorted_probs(teacher_logits.detach(), k, temperature)  # (r, k+1)
+    return (p - q).abs().sum(-1)
+
+
+@register_aligner("uld")
+class ULDAligner(Aligner):
+    def build_rows(self, seg: Segments, batch: ScoredBatch | None) -> Rows:
+        if self.options.get("boundary", "match") != "match":
+            seg = seg.select(seg.is_shared_token)  # only one-token segments are 1:1 matches
+        s_pos, t_pos = seg.s_hi - 1, seg.t_hi - 1  # (G,): the matched pair closing each segment
+        row = torch.arange(len(s_pos))
+        return Rows(s_pos, t_pos, s_pos.clone(), row, t_pos.clone(), row.clone())
+
+    def full_row_losses(self, rows: Rows, batch: ScoredBatch, settings: LossSettings) -> torch.Tensor:
+        top_k = int(self.options.get("uld_top_k", 1024))
+        weight = float(self.options.get("uld_weight", 1.5))
+
+        def chunk_losses(sl: slice) -> torch.Tensor:  # (r,): at most (r, V) float32 per side alive
+            zs = batch.student.logits[rows.student_pos[sl]]  # (r, V_S)
+            zt = batch.teacher.logits[rows.teacher_pos[sl]]  # (r, V_T)
+            return weight * sorted_w1(zs, zt, top_k, settings.temperature)
+
+        return chunked(len(rows), settings.chunk_rows, chunk_losses)
