@@ -40,7 +40,7 @@ class OPDModule(L.LightningModule):
         self.task = task
         self.pair = TokenizerPair.build(student_tokenizer, teacher_tokenizer)
         aligner_options = OmegaConf.to_container(cfg.aligner) if OmegaConf.is_config(cfg.aligner) else vars(cfg.aligner)
-        self.aligner = build_aligner(**aligner_options)
+        self.aligner = build_aligner(**aligner_options, seed=cfg.trainer.seed)
         self.loss_settings = LossSettings(
             form=cfg.loss.form, divergence=cfg.loss.divergence, beta=cfg.loss.beta,
             temperature=cfg.loss.temperature, chunk_rows=cfg.loss.chunk_rows,
@@ -87,7 +87,9 @@ class OPDModule(L.LightningModule):
             eos_id=self.student_tokenizer.eos_token_id, pad_id=self.student_tokenizer.pad_token_id,
         )  # fmt: skip
         t1 = time.perf_counter()
-        segmented = segment_responses(self.pair, rollout.response_ids, rollout.ended_with_eos)
+        segmented = segment_responses(
+            self.pair, rollout.response_ids, rollout.ended_with_eos, boundary=self.cfg.aligner.boundary
+        )
         t2 = time.perf_counter()
 
         s_responses = [

@@ -10,6 +10,10 @@ matched and the segment holding them is left unsupervised, without shifting anyt
 A 1:1 match is a student token and a teacher token with the same (non-empty) byte span. A segment
 closes at each match: the tokens of both sides since the previous match, up to and including it.
 Both sides of a segment cover the same bytes. EOS on both sides is a final match.
+
+`boundary="offset"` (an ablation, ALM/GOLD-style chunks) closes a segment instead at every
+*common byte boundary*: an offset where a non-empty student token and a non-empty teacher token
+both end. A 1:1 match ends at such an offset, so these segments refine the match segments.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 REPLACEMENT = "\ufffd".encode()
+BOUNDARIES = ("match", "offset")
 
 
 def _utf8_char_len(lead: int) -> int:
@@ -95,14 +100,18 @@ def segment(
     s_bad_bytes: np.ndarray | None = None,
     s_offset_map: np.ndarray | None = None,
     eos: bool = False,
+    boundary: str = "match",
 ) -> SequenceSegments:
-    """Close a segment at every 1:1 match of student and teacher byte spans.
+    """Close a segment at every 1:1 match of student and teacher byte spans (`boundary="match"`)
+    or at every common byte boundary (`boundary="offset"`).
 
     s_lengths: (n_s,) byte length of each student token (EOS excluded).
     t_lengths: (n_t,) byte length of each teacher token (EOS excluded).
     s_bad_bytes / s_offset_map: from `repair_utf8` of the student's bytes (None = valid UTF-8).
     eos: both sides end with EOS after these tokens (a final 1:1 match).
     """
+    if boundary not in BOUNDARIES:
+        raise ValueError(f"boundary={boundary!r}; expected one of {BOUNDARIES}")
     s_start, s_end = byte_spans(s_lengths)
     t_start, t_end = byte_spans(t_lengths)
     s_invalid = np.zeros(len(s_lengths), bool)
@@ -111,13 +120,10 @@ def segment(
             bad_prefix = np.concatenate([[0], np.cumsum(s_bad_bytes)])
             s_invalid = bad_prefix[s_end] > bad_prefix[s_start]
         s_start, s_end = s_offset_map[s_start], s_offset_map[s_end]
-    width = int(max(s_end[-1] if len(s_end) else 0, t_end[-1] if len(t_end) else 0)) + 1
-    s_keys = np.where((s_end > s_start) & ~s_invalid, s_start * width + s_end, -1)
-    t_keys = np.where(t_end > t_start, t_start * width + t_end, -2)
-    # non-empty spans of one tokenization are disjoint, so the keys are unique per side
-    _, s_match, t_match = np.intersect1d(s_keys, t_keys, assume_unique=True, return_indices=True)
-    order = np.argsort(s_match)
-    s_match, t_match = s_match[order], t_match[order]
+    if boundary == "offset":
+        s_match, t_match = _common_boundaries(s_start, s_end, t_start, t_end)
+    else:
+        s_match, t_match = _matches(s_start, s_end, t_start, t_end, s_invalid)
     s_bounds = np.concatenate([[0], s_match + 1])
     t_bounds = np.concatenate([[0], t_match + 1])
     if eos:
@@ -132,3 +138,36 @@ def segment(
         n_student=len(s_lengths) + int(eos),
         n_invalid=int(s_invalid.sum()),
     )
+
+
+def _matches(s_start: np.ndarray, s_end: np.ndarray, t_start: np.ndarray, t_end: np.ndarray,
+             s_invalid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Indices (student, teacher) of the 1:1 matches, in order: same non-empty byte span."""
+    width = int(max(s_end[-1] if len(s_end) else 0, t_end[-1] if len(t_end) else 0)) + 1
+    # only non-empty (and, for the student, valid) tokens can match; filtering them first keeps
+    # the keys unique, which intersect1d(assume_unique=True) needs (repeated sentinel keys for
+    # two empty or invalid tokens would otherwise come back as a bogus match)
+    s_ok = np.flatnonzero((s_end > s_start) & ~s_invalid)
+    t_ok = np.flatnonzero(t_end > t_start)
+    s_keys = s_start[s_ok] * width + s_end[s_ok]
+    t_keys = t_start[t_ok] * width + t_end[t_ok]
+    # non-empty spans of one tokenization are disjoint, so the keys are unique per side
+    _, s_at, t_at = np.intersect1d(s_keys, t_keys, assume_unique=True, return_indices=True)
+    order = np.argsort(s_at)
+    return s_ok[s_at[order]], t_ok[t_at[order]]
+
+
+def _common_boundaries(s_start: np.ndarray, s_end: np.ndarray, t_start: np.ndarray,
+                       t_end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Indices (student, teacher) of the last non-empty token of each side ending at a common
+    byte offset, in order. Zero-length tokens end nowhere, so they fold into the next segment
+    (as in match mode). Invalid student tokens do end somewhere (the U+FFFD they became): the
+    segment they close is marked invalid by the caller, and nothing after it shifts."""
+    s_nonempty = np.flatnonzero(s_end > s_start)
+    t_nonempty = np.flatnonzero(t_end > t_start)
+    # ends of non-empty tokens strictly increase, so they are unique per side and the common
+    # values come back sorted: the indices are already in order
+    _, s_at, t_at = np.intersect1d(
+        s_end[s_nonempty], t_end[t_nonempty], assume_unique=True, return_indices=True
+    )
+    return s_nonempty[s_at], t_nonempty[t_at]

@@ -3,7 +3,8 @@
 `TokenizerPair` precomputes what alignment needs once per run: each vocabulary's canonical
 bytes and the shared vocabulary V∩. `segment_responses` takes the ids the student sampled,
 turns them into the response text (through canonical bytes, repairing broken UTF-8), lets the
-teacher tokenize that text, and closes segments at 1:1 byte-span matches.
+teacher tokenize that text, and closes segments at 1:1 byte-span matches (or, with
+`boundary="offset"`, at every byte offset where a token of each side ends).
 
 Identical tokenizers take a fast path: the teacher scores exactly the student's ids, and every
 token is its own segment (so `exact` is plain OPD).
@@ -58,15 +59,19 @@ def _one_token_per_segment(n: int, eos: bool) -> SequenceSegments:
 
 
 def segment_responses(
-    pair: TokenizerPair, student_ids: list[list[int]], ended_with_eos: list[bool]
+    pair: TokenizerPair,
+    student_ids: list[list[int]],
+    ended_with_eos: list[bool],
+    boundary: str = "match",
 ) -> SegmentedResponses:
     """student_ids: each response's sampled ids, EOS excluded; ended_with_eos: whether EOS followed.
+    boundary: "match" (segments close at 1:1 matches) | "offset" (at common byte boundaries).
 
     The teacher's ids get the teacher's EOS appended where the student ended with its EOS.
     """
     texts, teacher_ids, segments = [], [], []
     teacher_eos = pair.teacher.eos_token_id
-    for ids, eos in zip(student_ids, ended_with_eos):
+    for ids, eos in zip(student_ids, ended_with_eos, strict=True):
         raw = pair.student_bytes.join(ids)
         text, offset_map, bad = repair_utf8(raw)
         texts.append(text)
@@ -89,6 +94,7 @@ def segment_responses(
                 s_bad_bytes=bad if repaired else None,
                 s_offset_map=offset_map if repaired else None,
                 eos=eos,
+                boundary=boundary,
             )
         )
     return SegmentedResponses(texts, teacher_ids, segments)
