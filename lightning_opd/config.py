@@ -148,7 +148,7 @@ class RLConfig:
 class AlignerConfig:
     """How student and teacher tokens of the same text are put into supervision rows."""
 
-    name: str = "exact"  # a registered aligner: exact | simct | simct_1to1 | random_span | alm | uld
+    name: str = "simct"  # a registered aligner: exact | simct | simct_1to1 | random_span | alm | uld
     span_logit: str = "mean_logit"  # simct span slot: mean_logit (released code) | mean_logprob
     boundary: str = "match"  # segments close at: match (1:1 tokens) | offset (any common boundary)
     ratio: float = 0.3  # random_span: fraction of shared-token rows merged into spans
@@ -185,7 +185,7 @@ class OptimConfig:
 class TrainerConfig:
     """Lightning trainer flags."""
 
-    max_steps: int = 100
+    max_steps: int = 150
     accelerator: str = "auto"  # cpu | gpu | auto
     devices: Any = 1  # int or "auto"
     num_nodes: int = 1
@@ -215,8 +215,16 @@ class Config:
 
     experiment: str = "default"  # a name for the run
     data: DataConfig = field(default_factory=DataConfig)
-    student: ModelConfig = field(default_factory=ModelConfig)
-    teacher: ModelConfig = field(default_factory=ModelConfig)
+    # the embedded default: a 2x128 Llama-style student that splits digits, warm-started by a
+    # short SFT, and a 4x128 Qwen2-style teacher whose BPE merges digit runs, SFT-trained
+    student: ModelConfig = field(
+        default_factory=lambda: ModelConfig(tiny=TinyModelConfig(num_layers=2), sft=SFTConfig(steps=150))
+    )
+    teacher: ModelConfig = field(
+        default_factory=lambda: ModelConfig(
+            tiny=TinyModelConfig(arch="qwen2"), tokenizer=TokenizerConfig(digits="merge"), sft=SFTConfig(steps=600)
+        )
+    )
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     aligner: AlignerConfig = field(default_factory=AlignerConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
