@@ -32,7 +32,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lightning_opd.train import train
 
     summary = train(cfg)
-    print_summary(summary)
+    if summary.get("global_rank", 0) == 0:
+        print_summary(summary)
     return 0
 
 

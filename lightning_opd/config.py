@@ -190,6 +190,8 @@ class TrainerConfig:
     devices: Any = 1  # int or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp
+    activation_checkpointing: bool = False  # fsdp: recompute each decoder layer in backward
+    fsdp_layer_classes: list[str] = field(default_factory=list)  # fsdp units; [] = _no_split_modules
     precision: str = "32-true"  # 32-true | bf16-mixed | bf16-true
     log_every_n_steps: int = 1
     val_every_n_steps: int = 0  # 0 = validate only before and after training

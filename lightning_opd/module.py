@@ -14,9 +14,12 @@ Validation answers the held-out prompts greedily before and after training (and 
 
 from __future__ import annotations
 
+import math
+import random
 import time
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -29,6 +32,22 @@ from lightning_opd.metrics import AnswerAccuracy
 from lightning_opd.models import render_prompt
 from lightning_opd.rollout.generate import generate, response_logits
 from lightning_opd.sft import evaluate_accuracy, warmup_cosine
+
+
+MAX_RECORDED_UIDS = 100_000
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}  # fmt: skip
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class OPDModule(L.LightningModule):
@@ -48,12 +67,38 @@ class OPDModule(L.LightningModule):
         self.val_accuracy = AnswerAccuracy()
         self.accuracy_history: list[tuple[int, float]] = []
         self.skipped_prompts = 0
+        self.seen_uids: list[str] = []  # prompts this rank trained on (first MAX_RECORDED_UIDS)
         self._update_start = 0.0
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()  # the frozen teacher always scores in eval mode
         return self
+
+    def configure_model(self) -> None:
+        """Under `trainer.strategy=fsdp`, shard student and teacher (see strategy.py)."""
+        if self.cfg.trainer.strategy != "fsdp" or getattr(self, "_sharded", False):
+            return
+        from lightning_opd.strategy import shard_model
+
+        mesh = self.device_mesh["data_parallel"]
+        on_gpu = self.device.type == "cuda"
+        shard_model(self.student, mesh, self.cfg, on_gpu=on_gpu)
+        shard_model(self.teacher, mesh, self.cfg, on_gpu=on_gpu)
+        self._sharded = True
+
+    @property
+    def synced_generation(self) -> bool:
+        """Sharded models need every rank in every forward pass, finished or not."""
+        return self.cfg.trainer.strategy == "fsdp" and self._trainer is not None and self.trainer.world_size > 1
+
+    def _global_token_count(self, count: int) -> float:
+        """Tokens in the global batch divided by world size: DDP/FSDP average gradients over
+        ranks, so dividing each rank's sum by this gives the token mean of the global batch."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return float(count)
+        total = self.trainer.strategy.reduce(torch.tensor(float(count), device=self.device), reduce_op="sum")
+        return float(total) / self.trainer.world_size
 
     # --- tokenization ------------------------------------------------------------------------
     @property
@@ -73,6 +118,8 @@ class OPDModule(L.LightningModule):
     # --- the step ----------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         examples = list(batch)
+        if len(self.seen_uids) < MAX_RECORDED_UIDS:
+            self.seen_uids += [ex.uid for ex in examples]
         s_prompts = self._prompt_ids(self.student_tokenizer, examples)
         keep = [i for i, p in enumerate(s_prompts) if len(p) <= self.cfg.data.max_prompt_tokens]
         self.skipped_prompts += len(examples) - len(keep)
@@ -85,6 +132,7 @@ class OPDModule(L.LightningModule):
         rollout = generate(
             self.student, s_prompts, self.cfg.rollout,
             eos_id=self.student_tokenizer.eos_token_id, pad_id=self.student_tokenizer.pad_token_id,
+            synced_gpus=self.synced_generation,
         )  # fmt: skip
         t1 = time.perf_counter()
         segmented = segment_responses(
@@ -117,7 +165,8 @@ class OPDModule(L.LightningModule):
         t5 = time.perf_counter()
         per_row = self.aligner.row_losses(rows, scored, self.loss_settings)
         supervised = rows.supervised_student_tokens
-        normalizer = segments.n_student_tokens if self.cfg.loss.normalizer == "response_tokens" else supervised
+        local_count = segments.n_student_tokens if self.cfg.loss.normalizer == "response_tokens" else supervised
+        normalizer = self._global_token_count(local_count)
         loss = losses.reduce_rows(per_row, rows.weight, normalizer)
         t6 = time.perf_counter()
 
@@ -168,12 +217,15 @@ class OPDModule(L.LightningModule):
     def run_validation(self) -> float:
         """Greedy accuracy on this rank's share of the held-out prompts (synced across ranks)."""
         examples = self.task.validation_set()
-        if self.trainer is not None and self.trainer.world_size > 1:
-            examples = examples[self.trainer.global_rank :: self.trainer.world_size]
+        world = self.trainer.world_size if self._trainer is not None else 1
+        num_batches = max(1, math.ceil(math.ceil(len(examples) / world) / 256))
+        if world > 1:
+            examples = examples[self.trainer.global_rank :: world]
         self.val_accuracy.reset()
         accuracy = evaluate_accuracy(
             self.student, self.student_tokenizer, examples, self.task,
             max_new_tokens=self.cfg.rollout.max_new_tokens, metric=self.val_accuracy,
+            synced_gpus=self.synced_generation, num_batches=num_batches,
         )  # fmt: skip
         self.accuracy_history.append((int(self.global_step), accuracy))
         if self._trainer is not None and self.trainer.logger is not None:
@@ -200,10 +252,13 @@ class OPDModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["opd_accuracy_history"] = self.accuracy_history
+        checkpoint["opd_rng"] = rng_state()
         # the teacher is frozen and rebuilt from its cache: keep it out of the checkpoint
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.accuracy_history = [tuple(x) for x in checkpoint.get("opd_accuracy_history", [])]
+        if "opd_rng" in checkpoint:  # sampling continues exactly where the saved run was
+            set_rng_state(checkpoint["opd_rng"])
         teacher_state = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
         checkpoint["state_dict"].update(teacher_state)

@@ -82,15 +82,26 @@ def supervised_finetune(model, tokenizer, task, cfg: SFTConfig, *, log_every: in
 
 @torch.no_grad()
 def evaluate_accuracy(model, tokenizer, examples, task, *, max_new_tokens: int, batch_size: int = 256,
-                      metric: AnswerAccuracy | None = None) -> float:  # fmt: skip
-    """Greedy answers to `examples`, scored by the task's answer check; returns accuracy."""
+                      metric: AnswerAccuracy | None = None, synced_gpus: bool = False,
+                      num_batches: int | None = None) -> float:  # fmt: skip
+    """Greedy answers to `examples`, scored by the task's answer check; returns accuracy.
+
+    The metric's compute() synchronises across ranks. With `synced_gpus` (sharded models) all
+    ranks must call generate equally often: pass the same `num_batches` on every rank.
+    """
     metric = metric or AnswerAccuracy()
     rollout_cfg = RolloutConfig(max_new_tokens=max_new_tokens)
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
+    num_batches = num_batches or max(1, math.ceil(len(examples) / batch_size))
+    per_batch = max(1, math.ceil(len(examples) / num_batches))
+    for i in range(num_batches):
+        chunk = examples[i * per_batch : (i + 1) * per_batch]
+        if not chunk and not synced_gpus:
+            continue
+        chunk = chunk or examples[:1]  # a rank with nothing left still joins the collective
         prompts = [tokenizer(render_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"] for ex in chunk]
         out = generate(model, prompts, rollout_cfg, eos_id=tokenizer.eos_token_id,
-                       pad_id=tokenizer.pad_token_id, greedy=True)  # fmt: skip
+                       pad_id=tokenizer.pad_token_id, greedy=True, synced_gpus=synced_gpus)  # fmt: skip
         texts = tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
-        metric.update(texts, chunk)
+        if i * per_batch < len(examples):
+            metric.update(texts, chunk)
     return float(metric.compute())

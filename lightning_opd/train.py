@@ -42,7 +42,7 @@ def build_logger(cfg: Config, run_dir: Path):
     return loggers.CSVLogger(save_dir=str(run_dir), name="", version="")
 
 
-def build_trainer(cfg: Config, run_dir: Path) -> L.Trainer:
+def build_trainer(cfg: Config, run_dir: Path, extra_callbacks: list | None = None) -> L.Trainer:
     from lightning_opd.strategy import build_strategy
 
     t = cfg.trainer
@@ -50,6 +50,7 @@ def build_trainer(cfg: Config, run_dir: Path) -> L.Trainer:
                                  every_n_train_steps=t.checkpoint_every_n_steps or None)]  # fmt: skip
     if t.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
+    callbacks += list(extra_callbacks or [])
     return L.Trainer(
         max_steps=t.max_steps,
         accelerator=t.accelerator,
@@ -69,8 +70,11 @@ def build_trainer(cfg: Config, run_dir: Path) -> L.Trainer:
     )
 
 
-def train(cfg: Config) -> dict:
-    """Run one experiment; returns the summary (also written to <run_dir>/summary.json)."""
+def train(cfg: Config, callbacks: list | None = None) -> dict:
+    """Run one experiment; returns the summary (also written to <run_dir>/summary.json).
+
+    `callbacks` are extra Lightning callbacks (tests use one to stop a run part-way).
+    """
     start = time.time()
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     run_dir = run_directory(cfg)
@@ -86,7 +90,7 @@ def train(cfg: Config) -> dict:
                                              datamodule.val_examples(), datamodule.task,
                                              max_new_tokens=cfg.rollout.max_new_tokens)  # fmt: skip
 
-    trainer = build_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, callbacks)
     train_start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.run.resume_from)
     history = module.accuracy_history
@@ -105,13 +109,37 @@ def train(cfg: Config) -> dict:
         "skipped_prompts": module.skipped_prompts,
         "accuracy_history": history,
         "run_dir": str(run_dir),
+        "global_rank": int(trainer.global_rank),
+        "world_size": int(trainer.world_size),
         **{f"prepare/{k}": v for k, v in prepared.info.items()},
     }
     losses_logged = _column(run_dir, "train/loss")
     summary["final_loss"] = losses_logged[-1] if losses_logged else None
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_rank_record(run_dir, trainer.global_rank, module)
     return summary
+
+
+def parameter_checksum(model) -> float:
+    """A position-weighted sum of all parameters (gathered when sharded): equal across ranks
+    exactly when they hold the same parameters."""
+    import torch
+
+    total = 0.0
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            weights = torch.linspace(1.0, 2.0, full.numel(), dtype=torch.float64, device=full.device)
+            total += (i + 1) * float((full.detach().double().flatten() * weights).sum())
+    return total
+
+
+def write_rank_record(run_dir: Path, rank: int, module: OPDModule) -> None:
+    """ranks/rank<r>.json: this rank's parameter checksum and the prompts it trained on."""
+    record = {"rank": rank, "param_checksum": parameter_checksum(module.student), "prompt_uids": module.seen_uids}
+    (run_dir / "ranks").mkdir(exist_ok=True)
+    (run_dir / "ranks" / f"rank{rank}.json").write_text(json.dumps(record))
 
 
 def _mean(values: list[float]) -> float | None:

@@ -1,0 +1,300 @@
+"""Tool-integrated rollouts: the student calls a Python interpreter while it answers (DESIGN §5).
+
+A tool call is either a fenced block (``fmt="fenced"``) or a Hermes call (``fmt="hermes"``,
+Qwen-style templates):
+
+    ```python                      <tool_call>
+    print(12*34)                   {"name": "code_interpreter", "arguments": {"code": "print(12*34)"}}
+    ```                            </tool_call>
+
+The closing marker completes the call. Its code runs in the sandbox (`sandbox.run_python_batch`,
+untrusted code, never raising) and the output, middle-truncated to `max_output_chars`, comes
+back wrapped as an observation: "\\n```output\\n{obs}\\n```\\n" or
+"\\n<tool_response>\\n{obs}\\n</tool_response>\\n". A malformed Hermes call (bad JSON, unknown tool,
+no code) gets an observation saying what is wrong instead of a run.
+
+`generate_with_tools` runs the turns batch-parallel: every active row generates (HF generate via
+`generate.generate`, with a stopping criterion that ends a row at its first complete call or at
+its own token budget); rows that stopped at a call have their calls run concurrently, the
+observation tokens appended, and resume. The response of a row is
+
+    [model turn 0][observation][model turn 1][observation] ... [model turn K]  (EOS excluded)
+
+with loss_mask 1 on model tokens, 0 on observations, and step ids 0, 1, ..., K on the model
+turns (-1 on observations): the SOD steps of `weighting.py`. The budget `max_new_tokens` counts
+all response tokens (model + observation + EOS). A row stops at EOS, when its budget is spent
+(an observation is cut to fit), or at a call beyond `max_turns` (kept, not run).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from lightning_opd.config import RolloutConfig, ToolsConfig
+from lightning_opd.rollout.generate import Rollout, generate
+from lightning_opd.rollout.sandbox import ToolResult, run_python_batch
+
+FORMATS = ("fenced", "hermes")
+TOOL_NAME = "code_interpreter"
+_CALL = {  # a complete call; group 1 is the body
+    "fenced": re.compile(r"```(?:python|py)[ \t]*\n(.*?)```", re.DOTALL),
+    "hermes": re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL),
+}
+_CLOSE = {"fenced": "```", "hermes": "</tool_call>"}
+_WRAP = {
+    "fenced": ("\n```output\n", "\n```\n"),
+    "hermes": ("\n<tool_response>\n", "\n</tool_response>\n"),
+}
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"tool call format {fmt!r} is not one of {list(FORMATS)}")
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A complete tool call: its code, or (malformed) why it cannot run."""
+
+    code: str | None  # None when malformed
+    error: str | None = None  # sent back as the observation of a malformed call
+    end: int = 0  # character offset right after the closing marker
+
+
+def _decode_body(body: str, fmt: str, end: int) -> ToolCall:
+    if fmt == "fenced":
+        return ToolCall(body, None, end)
+    try:
+        call = json.loads(body)
+    except json.JSONDecodeError as err:
+        return ToolCall(None, f"Error: the tool call is not valid JSON ({err.msg} at "
+                              f"line {err.lineno} column {err.colno}).", end)
+    args = call.get("arguments") if isinstance(call, dict) else None
+    if isinstance(args, str):  # some models emit the arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            args = None
+    if not isinstance(call, dict) or call.get("name") != TOOL_NAME:
+        name = call.get("name") if isinstance(call, dict) else None
+        return ToolCall(None, f"Error: unknown tool {name!r}; the only tool is {TOOL_NAME!r}.", end)
+    if not isinstance(args, dict) or not isinstance(args.get("code"), str):
+        return ToolCall(None, 'Error: the call needs "arguments": {"code": "<python code>"}.', end)
+    return ToolCall(args["code"], None, end)
+
+
+def first_tool_call(text: str, fmt: str) -> ToolCall | None:
+    """The first complete call anywhere in `text` (where generation should have stopped)."""
+    _check_format(fmt)
+    match = _CALL[fmt].search(text)
+    return None if match is None else _decode_body(match.group(1), fmt, match.end())
+
+
+def parse_tool_call(text: str, fmt: str) -> ToolCall | None:
+    """The complete call that ends `text` (trailing whitespace allowed), else None."""
+    _check_format(fmt)
+    end = len(text.rstrip())
+    for match in _CALL[fmt].finditer(text):  # left to right, as generation would stop
+        if match.end() == end:
+            return _decode_body(match.group(1), fmt, match.end())
+    return None
+
+
+def find_tool_call(text: str, fmt: str) -> str | None:
+    """The code of the complete call at the end of `text`; None if there is none, or if it is
+    malformed (use `parse_tool_call` for the error message)."""
+    call = parse_tool_call(text, fmt)
+    return None if call is None else call.code
+
+
+# --- observations ----------------------------------------------------------------------------
+
+
+def middle_truncate(s: str, n: int) -> str:
+    """`s` cut to at most n characters by removing its middle: head + "…[truncated K chars]…" +
+    tail, the marker counted in n. If n cannot even hold the marker, a plain prefix."""
+    if len(s) <= n:
+        return s
+    cut = len(s) - n
+    for _ in range(3):  # the marker's length depends on the digits of the count it states
+        marker = f"…[truncated {cut} chars]…"
+        keep = n - len(marker)
+        if keep < 0:
+            return s[:n]
+        cut = len(s) - keep
+    head = (keep + 1) // 2
+    return s[:head] + marker + s[len(s) - (keep - head):]
+
+
+def wrap_observation(obs: str, fmt: str) -> str:
+    """An observation in the model's format (the exact text appended to the response)."""
+    _check_format(fmt)
+    opening, closing = _WRAP[fmt]
+    return f"{opening}{obs}{closing}"
+
+
+def format_observation(result: ToolResult, fmt: str, max_chars: int) -> str:
+    """stdout (plus stderr and the error when the run failed), middle-truncated, wrapped."""
+    parts = [result.stdout]
+    if not result.ok:
+        parts += [result.stderr, f"Error: {result.error}" if result.error else ""]
+    obs = "\n".join(p.rstrip("\n") for p in parts if p.strip())
+    return wrap_observation(middle_truncate(obs, max_chars), fmt)
+
+
+def observation_spans(text: str, fmt: str = "fenced") -> list[tuple[int, int]]:
+    """Character spans [start, end) of the wrapped observations in `text` (for SFT masking)."""
+    _check_format(fmt)
+    opening, closing = (re.escape(m) for m in _WRAP[fmt])
+    return [m.span() for m in re.finditer(f"{opening}.*?{closing}", text, re.DOTALL)]
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _call_cut(tokenizer, tokens: list[int], fmt: str) -> tuple[int, ToolCall] | None:
+    """(n, call): the shortest prefix tokens[:n] whose text holds a complete call. Binary search
+    (a complete call stays complete as the text grows), O(log T) decodes."""
+    if first_tool_call(_decode(tokenizer, tokens), fmt) is None:
+        return None
+    lo, hi = 1, len(tokens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if first_tool_call(_decode(tokenizer, tokens[:mid]), fmt) is not None:
+            hi = mid
+        else:
+            lo = mid + 1
+    call = first_tool_call(_decode(tokenizer, tokens[:lo]), fmt)
+    assert call is not None
+    return lo, call
+
+
+class ToolCallStop(StoppingCriteria):
+    """Ends a row of HF generate at its first complete tool call or at its own token budget.
+
+    Rows are left-padded to `prompt_width`, so new tokens are input_ids[:, prompt_width:].
+    Each step decodes only the last few tokens of each row; the row's whole new text only when
+    the closing marker shows up there. Returns a (B,) bool tensor, as HF expects.
+    """
+
+    def __init__(self, tokenizer, fmt: str, prompt_width: int, budgets: list[int]) -> None:
+        _check_format(fmt)
+        self.tokenizer, self.fmt, self.width, self.budgets = tokenizer, fmt, prompt_width, budgets
+        self.tail = 2 * len(_CLOSE[fmt]) + 4  # tokens; enough to hold the marker
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        new = input_ids[:, self.width :]  # (B, n)
+        n = new.shape[1]
+        done = torch.zeros(new.shape[0], dtype=torch.bool)
+        for b, tail in enumerate(new[:, -self.tail :].tolist()):
+            if n >= self.budgets[b]:
+                done[b] = True
+            elif _CLOSE[self.fmt] in _decode(self.tokenizer, tail):
+                text = _decode(self.tokenizer, new[b].tolist())
+                done[b] = first_tool_call(text, self.fmt) is not None
+        return done.to(input_ids.device)
+
+
+class _WithStopping:
+    """The model as `generate.generate` sees it, with a stopping criterion added to generate()
+    (generate.generate takes none; the adapter keeps one generation code path)."""
+
+    def __init__(self, model, criterion: StoppingCriteria) -> None:
+        self.model, self.criterion = model, criterion
+
+    training = property(lambda self: self.model.training)
+    parameters = property(lambda self: self.model.parameters)
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def generate(self, **kwargs):
+        return self.model.generate(**kwargs, stopping_criteria=StoppingCriteriaList([self.criterion]))
+
+
+@torch.no_grad()
+def generate_with_tools(
+    model: torch.nn.Module, tokenizer, prompt_ids: list[list[int]], rollout_cfg: RolloutConfig,
+    tools_cfg: ToolsConfig, *, eos_id: int, pad_id: int, greedy: bool = False,
+) -> Rollout:
+    """Sample responses that may call the interpreter (see the module docstring).
+
+    Rows are the prompts repeated `samples_per_prompt` times (greedy: once). Returns a Rollout
+    with loss_mask, step_ids, tool_calls and tool_successes filled, aligned with response_ids.
+    """
+    fmt, budget = tools_cfg.format, rollout_cfg.max_new_tokens
+    _check_format(fmt)
+    n = 1 if greedy else rollout_cfg.samples_per_prompt
+    prompts = [p for p in prompt_ids for _ in range(n)]
+    index = [i for i in range(len(prompt_ids)) for _ in range(n)]
+    rows = len(prompts)
+    resp: list[list[int]] = [[] for _ in range(rows)]
+    mask: list[list[int]] = [[] for _ in range(rows)]
+    steps: list[list[int]] = [[] for _ in range(rows)]
+    calls, successes, ended = [0] * rows, [0] * rows, [False] * rows
+    sandbox = tools_cfg.sandbox
+    active = [i for i in range(rows) if budget > 0]
+    while active:
+        room = [budget - len(resp[i]) for i in active]  # tokens each row may still add
+        prefixes = [prompts[i] + resp[i] for i in active]
+        stop = ToolCallStop(tokenizer, fmt, max(len(p) for p in prefixes), room)
+        turn_cfg = RolloutConfig(temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
+                                 max_new_tokens=max(room), samples_per_prompt=1)
+        adapter: Any = _WithStopping(model, stop)
+        out = generate(adapter, prefixes, turn_cfg, eos_id=eos_id, pad_id=pad_id, greedy=greedy)
+        pending: list[tuple[int, ToolCall]] = []
+        for j, i in enumerate(active):
+            new, eos, call = out.response_ids[j], out.ended_with_eos[j], None
+            cut = _call_cut(tokenizer, new, fmt)
+            if cut is not None and cut[0] < room[j]:  # a call, with room left for its output
+                (length, call), eos = cut, False
+                new = new[:length]
+            elif len(new) + int(eos) > room[j]:  # the batch's max_new_tokens exceeds this row's
+                new, eos = new[: room[j]], False
+            resp[i] += new
+            mask[i] += [1] * len(new)
+            steps[i] += [calls[i]] * len(new)  # turn k = k observations so far
+            ended[i] = eos
+            if call is not None and calls[i] < tools_cfg.max_turns:
+                pending.append((i, call))
+            # otherwise the row is done: EOS, budget spent, or a call over max_turns (not run)
+
+        runnable = [(i, c.code) for i, c in pending if c.code is not None]
+        results = dict(zip([i for i, _ in runnable], run_python_batch(
+            [code for _, code in runnable], timeout_s=sandbox.timeout_s,
+            memory_mb=sandbox.memory_mb, require_isolation=sandbox.require_isolation,
+        ), strict=True))
+        active = []
+        for i, call in pending:
+            if call.code is None:
+                error = middle_truncate(call.error or "", tools_cfg.max_output_chars)
+                text = wrap_observation(error, fmt)
+            else:
+                text = format_observation(results[i], fmt, tools_cfg.max_output_chars)
+                successes[i] += int(results[i].ok)
+            calls[i] += 1
+            obs = tokenizer(text, add_special_tokens=False)["input_ids"][: budget - len(resp[i])]
+            resp[i] += obs
+            mask[i] += [0] * len(obs)
+            steps[i] += [-1] * len(obs)
+            if len(resp[i]) < budget:
+                active.append(i)
+    return Rollout(prompts, resp, ended, index, loss_mask=mask, step_ids=steps,
+                   tool_calls=calls, tool_successes=successes)
