@@ -14,9 +14,11 @@ Validation answers the held-out prompts greedily before and after training (and 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -25,14 +27,20 @@ from omegaconf import OmegaConf
 
 from lightning_opd import losses
 from lightning_opd.align import LossSettings, ScoredBatch, ScoredSide, TokenizerPair, build_aligner
-from lightning_opd.align.base import pack_segments
+from lightning_opd.align.base import pack_segments, unit_logprobs
 from lightning_opd.align.pairing import segment_responses
 from lightning_opd.config import Config
 from lightning_opd.metrics import AnswerAccuracy
 from lightning_opd.models import render_prompt
-from lightning_opd.rollout.generate import generate, response_logits
+from lightning_opd.rollout.generate import Rollout, generate, response_logits
+from lightning_opd.rollout.tools import generate_with_tools
 from lightning_opd.sft import evaluate_accuracy, warmup_cosine
-
+from lightning_opd.weighting import (
+    StepWeights,
+    batched_step_weights,
+    delimiter_step_ids,
+    grpo_advantages,
+)
 
 MAX_RECORDED_UIDS = 100_000
 
@@ -67,6 +75,7 @@ class OPDModule(L.LightningModule):
         self.val_accuracy = AnswerAccuracy()
         self.accuracy_history: list[tuple[int, float]] = []
         self.skipped_prompts = 0
+        self.run_dir: Path | None = None  # set by train(): where per-sample records go
         self.seen_uids: list[str] = []  # prompts this rank trained on (first MAX_RECORDED_UIDS)
         self._update_start = 0.0
 
@@ -129,15 +138,12 @@ class OPDModule(L.LightningModule):
             return None
 
         t0 = time.perf_counter()
-        rollout = generate(
-            self.student, s_prompts, self.cfg.rollout,
-            eos_id=self.student_tokenizer.eos_token_id, pad_id=self.student_tokenizer.pad_token_id,
-            synced_gpus=self.synced_generation,
-        )  # fmt: skip
+        rollout = self.rollout(s_prompts)
         t1 = time.perf_counter()
         segmented = segment_responses(
-            self.pair, rollout.response_ids, rollout.ended_with_eos, boundary=self.cfg.aligner.boundary
-        )
+            self.pair, rollout.response_ids, rollout.ended_with_eos, boundary=self.cfg.aligner.boundary,
+            loss_mask=rollout.loss_mask,
+        )  # fmt: skip
         t2 = time.perf_counter()
 
         s_responses = [
@@ -161,19 +167,25 @@ class OPDModule(L.LightningModule):
             ScoredSide(s_logits, s_ids, s_offsets), ScoredSide(t_logits, t_ids, t_offsets), self.pair.vocab
         )
         rows = self.aligner.build_rows(segments, scored).to(s_logits.device)
-        rows = self.weight_rows(rows, scored)
+        texts = segmented.texts
+        row_examples_reward = [float(self.task.check(t, row_examples[i])) for i, t in enumerate(texts)]
+        sod_stats = self.weight_rows(rows, scored, rollout, texts)
         t5 = time.perf_counter()
-        per_row = self.aligner.row_losses(rows, scored, self.loss_settings)
+        if self.cfg.rl.outcome_coef > 0:
+            per_row = self.mixed_policy_gradient(rows, scored, row_examples_reward, rollout.prompt_index)
+        else:
+            per_row = self.aligner.row_losses(rows, scored, self.loss_settings)
         supervised = rows.supervised_student_tokens
         local_count = segments.n_student_tokens if self.cfg.loss.normalizer == "response_tokens" else supervised
         normalizer = self._global_token_count(local_count)
         loss = losses.reduce_rows(per_row, rows.weight, normalizer)
         t6 = time.perf_counter()
 
-        texts = segmented.texts
-        reward = [float(self.task.check(t, row_examples[i])) for i, t in enumerate(texts)]
+        reward = row_examples_reward
         n_batch = len(texts)
+        extra = self.tool_and_sod_metrics(rollout, sod_stats)
         self._log_train({
+            **extra,
             "train/loss": loss.detach(),
             "train/coverage": supervised / max(segments.n_student_tokens, 1),
             "train/rows": float(len(rows)),
@@ -197,9 +209,93 @@ class OPDModule(L.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         return int(getattr(datamodule, "bad_lines", 0) or 0)
 
-    def weight_rows(self, rows, scored):
-        """Per-row weights (uniform here; SOD step weights plug in at this point)."""
-        return rows
+    # --- rollout, weighting, metrics ---------------------------------------------------------
+    def rollout(self, prompts: list[list[int]], greedy: bool = False) -> Rollout:
+        """Student sampling: plain, or with tool calls executed in the sandbox."""
+        tok = self.student_tokenizer
+        if self.cfg.tools.enabled:
+            return generate_with_tools(self.student, tok, prompts, self.cfg.rollout, self.cfg.tools,
+                                       eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, greedy=greedy)  # fmt: skip
+        return generate(self.student, prompts, self.cfg.rollout, eos_id=tok.eos_token_id,
+                        pad_id=tok.pad_token_id, greedy=greedy, synced_gpus=self.synced_generation)  # fmt: skip
+
+    def packed_step_ids(self, rollout: Rollout, texts: list[str], offsets: torch.Tensor) -> torch.Tensor:
+        """(N,) SOD step of every packed student position; EOS joins the last step; -1 = none."""
+        per_row = []
+        for b, ids in enumerate(rollout.response_ids):
+            if self.cfg.sod.split == "delimiter":
+                lengths = self.pair.student_bytes.lengths[ids] if ids else []
+                steps = delimiter_step_ids(lengths, texts[b], self.cfg.sod.delimiter) if ids else []
+            elif rollout.step_ids is not None:
+                steps = list(rollout.step_ids[b])
+            else:
+                steps = [0] * len(ids)
+            if rollout.ended_with_eos[b]:
+                steps.append(max(steps, default=0))
+            per_row.append(steps)
+        flat = torch.tensor([s for row in per_row for s in row], dtype=torch.long)
+        assert flat.numel() == int(offsets[-1]), "step ids must cover every response token"
+        return flat
+
+    def weight_rows(self, rows, scored: ScoredBatch, rollout: Rollout, texts: list[str]) -> StepWeights | None:
+        """SOD: each row gets the weight w_k of the step its first student token is in, from the
+        step divergences d_k = mean over the step's rows of |log π_S(unit) − log π_T(unit)|."""
+        if not self.cfg.sod.enabled or len(rows) == 0:
+            return None
+        device = scored.student.logits.device
+        step_of_token = self.packed_step_ids(rollout, texts, scored.student.offsets).to(device)
+        row_step = step_of_token[rows.student_pos]
+        row_sequence = torch.searchsorted(scored.student.offsets.to(device), rows.student_pos, right=True) - 1
+        n, tau = len(rows), self.cfg.loss.temperature
+        with torch.no_grad():
+            student_lp = unit_logprobs(scored.student, rows.s_members, rows.s_member_row, n, tau)
+            teacher_lp = unit_logprobs(scored.teacher, rows.t_members, rows.t_member_row, n, tau)
+        sod = self.cfg.sod
+        stats = batched_step_weights(student_lp, teacher_lp, row_step, row_sequence,
+                                     delta=sod.delta, eps=sod.eps, reference=sod.reference)  # fmt: skip
+        rows.weight = stats.token_weights.to(rows.weight.dtype)
+        self._write_sod_record(stats)
+        return stats
+
+    def mixed_policy_gradient(self, rows, scored: ScoredBatch, rewards: list[float],
+                              groups: list[int]) -> torch.Tensor:  # fmt: skip
+        """GRPO mixing (SOD's training signal): per row, A = outcome_coef·Â_i + opd_coef·w_k·
+        (log π_T − log π_S) on the sampled unit; loss = −A·log π_S. The row weights are folded
+        into A here, so they are reset to 1 for the reduction."""
+        n, tau, rl = len(rows), self.cfg.loss.temperature, self.cfg.rl
+        device = scored.student.logits.device
+        student_lp = unit_logprobs(scored.student, rows.s_members, rows.s_member_row, n, tau)
+        with torch.no_grad():
+            teacher_lp = unit_logprobs(scored.teacher, rows.t_members, rows.t_member_row, n, tau)
+            outcome = grpo_advantages(torch.tensor(rewards, device=device), torch.tensor(groups, device=device))
+            row_sequence = torch.searchsorted(scored.student.offsets.to(device), rows.student_pos, right=True) - 1
+            advantage = rl.outcome_coef * outcome[row_sequence] + rl.opd_coef * rows.weight * (teacher_lp - student_lp)
+        rows.weight = torch.ones_like(rows.weight)
+        return -advantage.detach() * student_lp
+
+    def tool_and_sod_metrics(self, rollout: Rollout, sod: StepWeights | None) -> dict:
+        out: dict = {}
+        if rollout.tool_calls is not None:
+            calls = sum(rollout.tool_calls)
+            out["train/tool_calls"] = calls / max(len(rollout.tool_calls), 1)
+            out["train/tool_success_rate"] = sum(rollout.tool_successes or []) / max(calls, 1)
+        if sod is not None and sod.weight.numel():
+            out["train/sod/d_mean"] = float(sod.divergence.mean())
+            out["train/sod/w_mean"] = float(sod.weight.mean())
+            out["train/sod/w_min"] = float(sod.weight.min())
+            out["train/sod/steps"] = float(sod.weight.numel()) / max(len(rollout.response_ids), 1)
+        return out
+
+    def _write_sod_record(self, stats: StepWeights) -> None:
+        """One JSON line per trajectory: its step divergences d_k and weights w_k."""
+        if self.run_dir is None:
+            return
+        path = self.run_dir / f"sod_steps.rank{self.global_rank}.jsonl"
+        with path.open("a") as f:
+            for seq in stats.step_sequence.unique().tolist():
+                sel = stats.step_sequence == seq
+                f.write(json.dumps({"step": int(self.global_step), "sequence": seq,
+                                    "d": stats.divergence[sel].tolist(), "w": stats.weight[sel].tolist()}) + "\n")  # fmt: skip
 
     def _log_train(self, values: dict, batch_size: int) -> None:
         for name, value in values.items():
@@ -225,7 +321,7 @@ class OPDModule(L.LightningModule):
         accuracy = evaluate_accuracy(
             self.student, self.student_tokenizer, examples, self.task,
             max_new_tokens=self.cfg.rollout.max_new_tokens, metric=self.val_accuracy,
-            synced_gpus=self.synced_generation, num_batches=num_batches,
+            synced_gpus=self.synced_generation, num_batches=num_batches, tools=self.cfg.tools,
         )  # fmt: skip
         self.accuracy_history.append((int(self.global_step), accuracy))
         if self._trainer is not None and self.trainer.logger is not None:

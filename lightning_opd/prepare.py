@@ -94,7 +94,8 @@ def _model(cfg: Config, role: str, tokenizer, tok_key: str, task, cache: Path, i
     if role == "teacher":
         start = time.time()
         meta["accuracy"] = evaluate_accuracy(
-            model, tokenizer, task.validation_set(), task, max_new_tokens=cfg.rollout.max_new_tokens
+            model, tokenizer, task.validation_set(), task, max_new_tokens=cfg.rollout.max_new_tokens,
+            tools=cfg.tools,
         )
         meta["eval_seconds"] = time.time() - start
         print(f"[prepare] teacher accuracy on the held-out set: {meta['accuracy']:.3f}", flush=True)

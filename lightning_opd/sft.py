@@ -13,10 +13,11 @@ import time
 
 import torch
 
-from lightning_opd.config import RolloutConfig, SFTConfig
+from lightning_opd.config import RolloutConfig, SFTConfig, ToolsConfig
 from lightning_opd.metrics import AnswerAccuracy
 from lightning_opd.models import render_prompt
 from lightning_opd.rollout.generate import generate
+from lightning_opd.rollout.tools import generate_with_tools
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -39,14 +40,26 @@ def endless_examples(task, start: int = 0):
         start = 0
 
 
-def sft_batch(tokenizer, examples, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, labels) with the loss on solution + EOS tokens only."""
+def sft_batch(tokenizer, examples, device, observation_spans=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels) with the loss on solution + EOS tokens only.
+
+    `observation_spans(solution) -> [(start, end), ...]` (tool tasks) marks character spans of
+    tool output: tokens overlapping them are inputs, not targets (the model must not learn to
+    invent tool output).
+    """
     seqs, label_seqs = [], []
     for ex in examples:
         prompt = tokenizer(render_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(ex.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        enc = tokenizer(ex.solution, add_special_tokens=False, return_offsets_mapping=observation_spans is not None)
+        answer = enc["input_ids"] + [tokenizer.eos_token_id]
+        labels = list(answer)
+        if observation_spans is not None:
+            spans = observation_spans(ex.solution)
+            for i, (a, b) in enumerate(enc["offset_mapping"]):
+                if any(a < end and b > start for start, end in spans):
+                    labels[i] = -100
         seqs.append(prompt + answer)
-        label_seqs.append([-100] * len(prompt) + answer)
+        label_seqs.append([-100] * len(prompt) + labels)
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
@@ -67,7 +80,7 @@ def supervised_finetune(model, tokenizer, task, cfg: SFTConfig, *, log_every: in
     start, loss_value = time.time(), float("nan")
     for step in range(cfg.steps):
         examples = [next(stream) for _ in range(cfg.batch_size)]
-        ids, mask, labels = sft_batch(tokenizer, examples, device)
+        ids, mask, labels = sft_batch(tokenizer, examples, device, getattr(task, "observation_spans", None))
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -83,7 +96,7 @@ def supervised_finetune(model, tokenizer, task, cfg: SFTConfig, *, log_every: in
 @torch.no_grad()
 def evaluate_accuracy(model, tokenizer, examples, task, *, max_new_tokens: int, batch_size: int = 256,
                       metric: AnswerAccuracy | None = None, synced_gpus: bool = False,
-                      num_batches: int | None = None) -> float:  # fmt: skip
+                      num_batches: int | None = None, tools: ToolsConfig | None = None) -> float:  # fmt: skip
     """Greedy answers to `examples`, scored by the task's answer check; returns accuracy.
 
     The metric's compute() synchronises across ranks. With `synced_gpus` (sharded models) all
@@ -99,8 +112,11 @@ def evaluate_accuracy(model, tokenizer, examples, task, *, max_new_tokens: int, 
             continue
         chunk = chunk or examples[:1]  # a rank with nothing left still joins the collective
         prompts = [tokenizer(render_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"] for ex in chunk]
-        out = generate(model, prompts, rollout_cfg, eos_id=tokenizer.eos_token_id,
-                       pad_id=tokenizer.pad_token_id, greedy=True, synced_gpus=synced_gpus)  # fmt: skip
+        ids = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
+        if tools is not None and tools.enabled:  # the tool task is answered with the interpreter
+            out = generate_with_tools(model, tokenizer, prompts, rollout_cfg, tools, greedy=True, **ids)
+        else:
+            out = generate(model, prompts, rollout_cfg, greedy=True, synced_gpus=synced_gpus, **ids)
         texts = tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
         if i * per_batch < len(examples):
             metric.update(texts, chunk)

@@ -64,7 +64,9 @@ def shard_model(model: torch.nn.Module, mesh, cfg: Config, *, on_gpu: bool) -> t
 
     classes = tuple(decoder_layer_classes(model, list(cfg.trainer.fsdp_layer_classes or [])))
     if cfg.trainer.activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            apply_activation_checkpointing,
+        )
 
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, classes))
     kwargs = {"mesh": mesh}

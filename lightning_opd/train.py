@@ -84,11 +84,12 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     prepared = prepare(cfg, datamodule.task)
     module = OPDModule(cfg, prepared.student, prepared.teacher, prepared.student_tokenizer,
                        prepared.teacher_tokenizer, datamodule.task)  # fmt: skip
+    module.run_dir = run_dir
     teacher_accuracy = prepared.info.get("teacher_accuracy")
     if teacher_accuracy is None:
         teacher_accuracy = evaluate_accuracy(prepared.teacher, prepared.teacher_tokenizer,
                                              datamodule.val_examples(), datamodule.task,
-                                             max_new_tokens=cfg.rollout.max_new_tokens)  # fmt: skip
+                                             max_new_tokens=cfg.rollout.max_new_tokens, tools=cfg.tools)  # fmt: skip
 
     trainer = build_trainer(cfg, run_dir, callbacks)
     train_start = time.time()

@@ -92,3 +92,15 @@ def test_cli_train_prints_the_results_table(tmp_path, cache_dir, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "student_accuracy_after" in out and "coverage" in out
+
+
+def test_tool_sod_run_logs_tool_and_step_metrics(tmp_path, cache_dir):
+    summary = train(tiny_cfg(tmp_path, cache_dir, "run.name=sod", "trainer.max_steps=1", "rollout.max_new_tokens=24",
+                             experiment="arith_tool_sod"))  # fmt: skip
+    run_dir = Path(summary["run_dir"])
+    rows = [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r["train/loss"]]
+    for name in ("train/tool_calls", "train/tool_success_rate", "train/sod/d_mean", "train/sod/w_mean",
+                 "train/sod/w_min", "train/sod/steps"):  # fmt: skip
+        assert rows[0][name] != "", name
+    records = [json.loads(line) for line in (run_dir / "sod_steps.rank0.jsonl").read_text().splitlines()]
+    assert records and all(len(r["d"]) == len(r["w"]) and r["w"][0] == 1.0 for r in records)

@@ -101,6 +101,7 @@ def segment(
     s_offset_map: np.ndarray | None = None,
     eos: bool = False,
     boundary: str = "match",
+    s_excluded: np.ndarray | None = None,
 ) -> SequenceSegments:
     """Close a segment at every 1:1 match of student and teacher byte spans (`boundary="match"`)
     or at every common byte boundary (`boundary="offset"`).
@@ -109,6 +110,9 @@ def segment(
     t_lengths: (n_t,) byte length of each teacher token (EOS excluded).
     s_bad_bytes / s_offset_map: from `repair_utf8` of the student's bytes (None = valid UTF-8).
     eos: both sides end with EOS after these tokens (a final 1:1 match).
+    s_excluded: (n_s,) bool, student tokens that are not the model's (tool observations): they
+        take part in matching, so segments still close at their edges, but a segment holding
+        one is dropped (marked invalid) — observations are never supervised.
     """
     if boundary not in BOUNDARIES:
         raise ValueError(f"boundary={boundary!r}; expected one of {BOUNDARIES}")
@@ -129,7 +133,8 @@ def segment(
     if eos:
         s_bounds = np.append(s_bounds, len(s_lengths) + 1)
         t_bounds = np.append(t_bounds, len(t_lengths) + 1)
-    invalid_prefix = np.concatenate([[0], np.cumsum(np.append(s_invalid, False))])
+    unsupervised = s_invalid if s_excluded is None else (s_invalid | s_excluded.astype(bool))
+    invalid_prefix = np.concatenate([[0], np.cumsum(np.append(unsupervised, False))])
     valid = invalid_prefix[s_bounds[1:]] == invalid_prefix[s_bounds[:-1]]
     return SequenceSegments(
         s_bounds=s_bounds.astype(np.int64),

@@ -53,9 +53,12 @@ class SegmentedResponses:
     segments: list[SequenceSegments | None]  # None: the two tokenizations disagree on the text
 
 
-def _one_token_per_segment(n: int, eos: bool) -> SequenceSegments:
+def _one_token_per_segment(n: int, eos: bool, excluded: np.ndarray | None) -> SequenceSegments:
     bounds = np.arange(n + int(eos) + 1, dtype=np.int64)
-    return SequenceSegments(bounds, bounds.copy(), np.ones(len(bounds) - 1, bool), len(bounds) - 1, 0)
+    valid = np.ones(len(bounds) - 1, bool)
+    if excluded is not None:
+        valid[:n] = ~excluded
+    return SequenceSegments(bounds, bounds.copy(), valid, len(bounds) - 1, 0)
 
 
 def segment_responses(
@@ -63,21 +66,26 @@ def segment_responses(
     student_ids: list[list[int]],
     ended_with_eos: list[bool],
     boundary: str = "match",
+    loss_mask: list[list[int]] | None = None,
 ) -> SegmentedResponses:
     """student_ids: each response's sampled ids, EOS excluded; ended_with_eos: whether EOS followed.
     boundary: "match" (segments close at 1:1 matches) | "offset" (at common byte boundaries).
+    loss_mask: per response, 1 for the model's tokens and 0 for tool observations (None = all 1);
+        segments holding an observation token are left unsupervised.
 
     The teacher's ids get the teacher's EOS appended where the student ended with its EOS.
     """
     texts, teacher_ids, segments = [], [], []
     teacher_eos = pair.teacher.eos_token_id
-    for ids, eos in zip(student_ids, ended_with_eos, strict=True):
+    masks = loss_mask if loss_mask is not None else [None] * len(student_ids)
+    for ids, eos, mask in zip(student_ids, ended_with_eos, masks, strict=True):
+        excluded = None if mask is None or all(mask) else np.asarray(mask, np.int64) == 0
         raw = pair.student_bytes.join(ids)
         text, offset_map, bad = repair_utf8(raw)
         texts.append(text)
         if pair.identical and not bad.any():
             teacher_ids.append(list(ids) + ([teacher_eos] if eos else []))
-            segments.append(_one_token_per_segment(len(ids), eos))
+            segments.append(_one_token_per_segment(len(ids), eos, excluded))
             continue
         t_ids = pair.teacher(text, add_special_tokens=False)["input_ids"]
         teacher_ids.append(list(t_ids) + ([teacher_eos] if eos else []))
@@ -95,6 +103,7 @@ def segment_responses(
                 s_offset_map=offset_map if repaired else None,
                 eos=eos,
                 boundary=boundary,
+                s_excluded=excluded,
             )
         )
     return SegmentedResponses(texts, teacher_ids, segments)

@@ -34,3 +34,4 @@ __all__ = [
     "register_task",
     "split_reference",
 ]
+from . import tool_task  # noqa: F401,E402  (registers arith_tool)
