@@ -27,7 +27,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ BATCH_SIZE = 256
 KEYS = ("aligner", "texts", "student_tokens", "supervised_tokens", "coverage", "rows", "spans", "seconds")
 
 
-class AlignCommandError(Exception):
+class AlignCommandError(ValueError):
     """A problem with the command's inputs, reported as one line (exit code 2)."""
 
 
@@ -75,7 +75,7 @@ def offsets(lengths: list[int]) -> np.ndarray:
 def measure_coverage(
     student_tok,
     teacher_tok,
-    texts: Sequence[str],
+    texts: Iterable[str],
     aligner_names: Sequence[str],
     *,
     batch_size: int = BATCH_SIZE,
@@ -90,11 +90,13 @@ def measure_coverage(
     from lightning_opd.align.base import pack_segments
 
     check_aligners(aligner_names)
-    pair = pair or TokenizerPair.build(student_tok, teacher_tok)
+    texts = list(texts)
+    if pair is None:
+        pair = TokenizerPair.build(student_tok, teacher_tok)
     aligners = {name: build_aligner(name, **aligner_defaults()) for name in aligner_names}
     totals = {name: dict.fromkeys(("supervised_tokens", "rows", "spans", "seconds"), 0) for name in aligner_names}
     student_tokens, first_batch = 0, True
-    for batch in batches(list(texts), batch_size):
+    for batch in batches(texts, batch_size):
         student_ids = student_tok(list(batch), add_special_tokens=False)["input_ids"]
         start = time.perf_counter()
         segmented = segment_responses(pair, student_ids, [True] * len(student_ids))

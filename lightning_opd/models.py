@@ -152,6 +152,10 @@ def load_model(cfg: ModelConfig) -> torch.nn.Module:
         ) from None
 
 
+def load_saved_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast.from_pretrained(directory)
+
+
 def save_pretrained(model, tokenizer, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
@@ -159,6 +163,9 @@ def save_pretrained(model, tokenizer, directory: Path) -> None:
 
 
 def load_pretrained_dir(directory: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
-    tok = AutoTokenizer.from_pretrained(directory)
+    """A model and tokenizer that `save_pretrained` wrote. The tokenizer is read as the exact
+    tokenizer.json: AutoTokenizer would pick the class from config.json's model type (Qwen2's
+    would replace our pre-tokenizer with Qwen's digit-splitting one)."""
+    tok = load_saved_tokenizer(directory)
     model = AutoModelForCausalLM.from_pretrained(directory)
     return model, tok

@@ -46,13 +46,17 @@ MAX_RECORDED_UIDS = 100_000
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every RNG that sampling can touch, as tensors and plain values (weights_only-loadable)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}  # fmt: skip
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -349,12 +353,15 @@ class OPDModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["opd_accuracy_history"] = self.accuracy_history
         checkpoint["opd_rng"] = rng_state()
-        # the teacher is frozen and rebuilt from its cache: keep it out of the checkpoint
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        # the teacher is frozen and rebuilt from its cache: keep it out of the checkpoint, except
+        # for sharded (distributed) checkpoints, whose load plan expects every module key
+        if self.cfg.trainer.strategy != "fsdp":
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.accuracy_history = [tuple(x) for x in checkpoint.get("opd_accuracy_history", [])]
         if "opd_rng" in checkpoint:  # sampling continues exactly where the saved run was
             set_rng_state(checkpoint["opd_rng"])
-        teacher_state = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
-        checkpoint["state_dict"].update(teacher_state)
+        state = checkpoint.get("state_dict")
+        if state is not None and not any(k.startswith("teacher.") for k in state):
+            state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})

@@ -23,6 +23,7 @@ from lightning_opd.config import Config, ModelConfig
 from lightning_opd.models import (
     load_model,
     load_pretrained_dir,
+    load_saved_tokenizer,
     load_tokenizer,
     save_pretrained,
     tiny_model,
@@ -61,9 +62,7 @@ def _tokenizer(cfg: Config, role: str, task, cache: Path) -> tuple[object, str]:
     key = _digest(CACHE_VERSION, role, OmegaConf.to_container(mcfg.tokenizer), _task_key(cfg))
     directory = cache / f"tokenizer-{role}-{key}"
     if (directory / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(directory), key
+        return load_saved_tokenizer(directory), key
     corpus = []
     for ex in itertools.islice(endless_examples(task), TOKENIZER_CORPUS):
         corpus += [ex.prompt, ex.solution]
