@@ -306,6 +306,11 @@ class OPDModule(L.LightningModule):
             self.log(name, value, on_step=True, on_epoch=False, prog_bar=name in ("train/loss", "train/coverage"),
                      batch_size=batch_size, sync_dist=False)  # fmt: skip
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if getattr(self, "_pending_rng", None) is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # backward + optimizer step happened between the end of training_step and here
         self.log("perf/update_s", time.perf_counter() - self._update_start, on_step=True, on_epoch=False)
@@ -360,8 +365,9 @@ class OPDModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.accuracy_history = [tuple(x) for x in checkpoint.get("opd_accuracy_history", [])]
-        if "opd_rng" in checkpoint:  # sampling continues exactly where the saved run was
-            set_rng_state(checkpoint["opd_rng"])
+        # sampling continues exactly where the saved run was: the RNG is restored right before the
+        # first step, because starting the DataLoader iterator draws from the global RNG
+        self._pending_rng = checkpoint.get("opd_rng")
         state = checkpoint.get("state_dict")
         if state is not None and not any(k.startswith("teacher.") for k in state):
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})

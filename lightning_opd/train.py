@@ -91,6 +91,9 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
                                              datamodule.val_examples(), datamodule.task,
                                              max_new_tokens=cfg.rollout.max_new_tokens, tools=cfg.tools)  # fmt: skip
 
+    # seed again: preparation consumes randomness only when it trains (a cache miss), and a run
+    # must not depend on whether its teacher was cached
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     trainer = build_trainer(cfg, run_dir, callbacks)
     train_start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.run.resume_from)
