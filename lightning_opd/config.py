@@ -42,7 +42,7 @@ class DataConfig:
     val_path: Optional[str] = None  # JSONL file of held-out prompts (default: first val_size)
     on_bad_line: str = "error"  # malformed JSONL line: error | skip (skipped lines are counted)
     val_size: int = 200  # number of held-out validation prompts
-    batch_size: int = 32  # prompts per optimizer step (per rank)
+    batch_size: int = 64  # prompts per optimizer step (per rank)
     num_workers: int = 0  # DataLoader workers
     max_prompt_tokens: int = 512  # longer prompts are skipped and counted
     seed: int = 0  # seed of the prompt stream
@@ -66,7 +66,7 @@ class TokenizerConfig:
     """Where a tokenizer comes from; `train` builds one on the spot from task text."""
 
     source: str = "train"  # train | a tokenizer.json path | a directory | a hub id | fixture:NAME
-    digits: str = "split"  # for source=train: split (one token per digit) | merge (digit groups)
+    digits: str = "split"  # source=train: split (a token per digit) | merge (digit runs) | split_vocab_merge
     vocab_size: int = 160  # for source=train
     chat_template: Optional[str] = None  # jinja template; None = the tokenizer's own or fallback
 
@@ -162,7 +162,7 @@ class LossConfig:
     """The divergence per row and its reduction."""
 
     form: str = "full"  # full (distribution over the row's support) | sampled (policy gradient)
-    divergence: str = "rkl"  # rkl | fkl | jsd (full form only)
+    divergence: str = "fkl"  # rkl (SimCT's choice) | fkl (the embedded default's) | jsd; full form only
     beta: float = 0.5  # JSD interpolation (0 = forward KL, 1 = reverse KL)
     temperature: float = 1.0  # softmax temperature of both models in the loss
     normalizer: str = "response_tokens"  # response_tokens | supervised_tokens
@@ -185,7 +185,7 @@ class OptimConfig:
 class TrainerConfig:
     """Lightning trainer flags."""
 
-    max_steps: int = 150
+    max_steps: int = 300
     accelerator: str = "auto"  # cpu | gpu | auto
     devices: Any = 1  # int or "auto"
     num_nodes: int = 1
@@ -217,15 +217,16 @@ class Config:
 
     experiment: str = "default"  # a name for the run
     data: DataConfig = field(default_factory=DataConfig)
-    # the embedded default: a 2x128 Llama-style student that splits digits, warm-started by a
-    # short SFT, and a 4x128 Qwen2-style teacher whose BPE merges digit runs, SFT-trained
+    # the embedded default: a 2x128 Llama-style student with a small BPE (60 merges), warm-started
+    # by a short SFT, and a 4x128 Qwen2-style teacher with a larger BPE (160 merges), SFT-trained;
+    # both split digits (docs/results.md says why: digit-granularity conflicts broke V∩ OPD here)
     student: ModelConfig = field(
-        default_factory=lambda: ModelConfig(tiny=TinyModelConfig(num_layers=2), sft=SFTConfig(steps=150))
+        default_factory=lambda: ModelConfig(
+            tiny=TinyModelConfig(num_layers=2), tokenizer=TokenizerConfig(vocab_size=60), sft=SFTConfig(steps=250)
+        )
     )
     teacher: ModelConfig = field(
-        default_factory=lambda: ModelConfig(
-            tiny=TinyModelConfig(arch="qwen2"), tokenizer=TokenizerConfig(digits="merge"), sft=SFTConfig(steps=600)
-        )
+        default_factory=lambda: ModelConfig(tiny=TinyModelConfig(arch="qwen2"), sft=SFTConfig(steps=600))
     )
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     aligner: AlignerConfig = field(default_factory=AlignerConfig)
@@ -285,8 +286,8 @@ _CHOICES = {
     "sod.split": ("tool_turns", "delimiter"),
     "loss.divergence": ("rkl", "fkl", "jsd"),
     "loss.normalizer": ("response_tokens", "supervised_tokens"),
-    "student.tokenizer.digits": ("split", "merge"),
-    "teacher.tokenizer.digits": ("split", "merge"),
+    "student.tokenizer.digits": ("split", "merge", "split_vocab_merge"),
+    "teacher.tokenizer.digits": ("split", "merge", "split_vocab_merge"),
     "trainer.strategy": ("auto", "ddp", "fsdp"),
     "run.logger": ("csv", "tensorboard", "wandb"),
 }

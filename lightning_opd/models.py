@@ -48,10 +48,8 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, *, teacher: bool
     special_tokens = [specials["eos"], specials["pad"], *specials["extra"]]
     tok = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if cfg.digits == "split":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    else:
-        tok.pre_tokenizer = byte_level
+    split_digits = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    tok.pre_tokenizer = split_digits if cfg.digits == "split" else byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size + 256 + len(special_tokens),
@@ -60,6 +58,9 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, *, teacher: bool
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    if cfg.digits == "split_vocab_merge":
+        # the vocabulary holds digit-run merges (like the teacher's), but encoding splits digits
+        tok.pre_tokenizer = split_digits
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=specials["eos"],
@@ -81,7 +82,9 @@ def load_tokenizer(cfg: TokenizerConfig, model_path: str | None = None) -> PreTr
 
         tok = load_fixture_tokenizer(source.removeprefix("fixture:"))
     elif source.endswith(".json") and Path(source).is_file():
-        tok = PreTrainedTokenizerFast(tokenizer_file=source)
+        beside = Path(source).parent / "tokenizer_config.json"  # special tokens live there
+        tok = (PreTrainedTokenizerFast.from_pretrained(Path(source).parent) if beside.is_file()
+               else PreTrainedTokenizerFast(tokenizer_file=source))  # fmt: skip
     else:
         try:
             tok = AutoTokenizer.from_pretrained(source)
@@ -92,6 +95,11 @@ def load_tokenizer(cfg: TokenizerConfig, model_path: str | None = None) -> PreTr
             ) from None
     if cfg.chat_template:
         tok.chat_template = cfg.chat_template
+    if tok.eos_token_id is None:
+        raise ModelLoadError(
+            f"tokenizer '{cfg.source}' has no EOS token (a bare tokenizer.json carries none): "
+            "point tokenizer.source at a directory with tokenizer_config.json, or use a fixture"
+        )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

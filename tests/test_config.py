@@ -46,11 +46,11 @@ def test_every_base_yaml_setting_has_a_comment():
 
 def test_experiment_overrides_base_and_command_line_overrides_experiment(tmp_path):
     exp = tmp_path / "exp.yaml"
-    exp.write_text("trainer:\n  max_steps: 7\nloss:\n  divergence: fkl\n")
+    exp.write_text("trainer:\n  max_steps: 7\nloss:\n  divergence: jsd\n")
     cfg = load(exp, overrides=["trainer.max_steps=20", "aligner.name=exact"])
     assert cfg.trainer.max_steps == 20
-    assert cfg.loss.divergence == "fkl"
-    assert cfg.data.batch_size == 32  # untouched default
+    assert cfg.loss.divergence == "jsd"
+    assert cfg.data.batch_size == 64  # untouched default
 
 
 def test_unknown_key_in_file_names_the_key_and_the_file(tmp_path):
