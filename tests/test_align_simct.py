@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_align_exact import byte_level_tokenizer
+from tests.test_align_exact import byte_level_tokenizer
 
 from lightning_opd import losses
 from lightning_opd.align import (
