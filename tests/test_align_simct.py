@@ -10,7 +10,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.test_align_exact import byte_level_tokenizer
 
 from lightning_opd import losses
 from lightning_opd.align import (
@@ -25,6 +24,7 @@ from lightning_opd.align import (
 from lightning_opd.align.base import pack_segments
 from lightning_opd.align.offsets import segment
 from lightning_opd.align.random_span import merge_into_spans
+from tests.test_align_exact import byte_level_tokenizer
 
 ARITHMETIC = ["12+345=357 #### 357", "7*8=56\n", "What is 12+7?", "1000-1=999"]
 ARITHMETIC_EOS = [True, True, False, True]
