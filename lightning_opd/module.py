@@ -62,6 +62,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def sequence_of_rows(rows, scored: ScoredBatch) -> torch.Tensor:
+    """(R,) index of the response each row's first student token belongs to."""
+    offsets = scored.student.offsets.to(rows.student_pos.device)
+    return torch.searchsorted(offsets, rows.student_pos, right=True) - 1
+
+
 class OPDModule(L.LightningModule):
     def __init__(self, cfg: Config, student, teacher, student_tokenizer, teacher_tokenizer, task) -> None:
         super().__init__()
@@ -172,11 +178,11 @@ class OPDModule(L.LightningModule):
         )
         rows = self.aligner.build_rows(segments, scored).to(s_logits.device)
         texts = segmented.texts
-        row_examples_reward = [float(self.task.check(t, row_examples[i])) for i, t in enumerate(texts)]
         sod_stats = self.weight_rows(rows, scored, rollout, texts)
         t5 = time.perf_counter()
+        rewards = [float(self.task.check(t, row_examples[i])) for i, t in enumerate(texts)]
         if self.cfg.rl.outcome_coef > 0:
-            per_row = self.mixed_policy_gradient(rows, scored, row_examples_reward, rollout.prompt_index)
+            per_row = self.mixed_policy_gradient(rows, scored, rewards, rollout.prompt_index)
         else:
             per_row = self.aligner.row_losses(rows, scored, self.loss_settings)
         supervised = rows.supervised_student_tokens
@@ -185,7 +191,6 @@ class OPDModule(L.LightningModule):
         loss = losses.reduce_rows(per_row, rows.weight, normalizer)
         t6 = time.perf_counter()
 
-        reward = row_examples_reward
         n_batch = len(texts)
         extra = self.tool_and_sod_metrics(rollout, sod_stats)
         self._log_train({
@@ -195,7 +200,7 @@ class OPDModule(L.LightningModule):
             "train/rows": float(len(rows)),
             "train/response_len": sum(rollout.response_lengths) / max(n_batch, 1),
             "train/eos_rate": sum(rollout.ended_with_eos) / max(n_batch, 1),
-            "train/reward": sum(reward) / max(n_batch, 1),
+            "train/reward": sum(rewards) / max(n_batch, 1),
             "train/unaligned_sequences": float(segments.n_unaligned_sequences),
             "train/invalid_utf8_tokens": float(segments.n_invalid_tokens),
             "train/skipped_prompts": float(self.skipped_prompts),
@@ -228,8 +233,11 @@ class OPDModule(L.LightningModule):
         per_row = []
         for b, ids in enumerate(rollout.response_ids):
             if self.cfg.sod.split == "delimiter":
-                lengths = self.pair.student_bytes.lengths[ids] if ids else []
-                steps = delimiter_step_ids(lengths, texts[b], self.cfg.sod.delimiter) if ids else []
+                lengths = self.pair.student_bytes.lengths[ids] if ids else np.zeros(0, np.int64)
+                if int(lengths.sum()) == len(texts[b].encode()):
+                    steps = delimiter_step_ids(lengths, texts[b], self.cfg.sod.delimiter)
+                else:  # broken UTF-8 was repaired, so bytes and text differ: one step
+                    steps = [0] * len(ids)
             elif rollout.step_ids is not None:
                 steps = list(rollout.step_ids[b])
             else:
@@ -249,7 +257,7 @@ class OPDModule(L.LightningModule):
         device = scored.student.logits.device
         step_of_token = self.packed_step_ids(rollout, texts, scored.student.offsets).to(device)
         row_step = step_of_token[rows.student_pos]
-        row_sequence = torch.searchsorted(scored.student.offsets.to(device), rows.student_pos, right=True) - 1
+        row_sequence = sequence_of_rows(rows, scored)
         n, tau = len(rows), self.cfg.loss.temperature
         with torch.no_grad():
             student_lp = unit_logprobs(scored.student, rows.s_members, rows.s_member_row, n, tau)
@@ -272,7 +280,7 @@ class OPDModule(L.LightningModule):
         with torch.no_grad():
             teacher_lp = unit_logprobs(scored.teacher, rows.t_members, rows.t_member_row, n, tau)
             outcome = grpo_advantages(torch.tensor(rewards, device=device), torch.tensor(groups, device=device))
-            row_sequence = torch.searchsorted(scored.student.offsets.to(device), rows.student_pos, right=True) - 1
+            row_sequence = sequence_of_rows(rows, scored)
             advantage = rl.outcome_coef * outcome[row_sequence] + rl.opd_coef * rows.weight * (teacher_lp - student_lp)
         rows.weight = torch.ones_like(rows.weight)
         return -advantage.detach() * student_lp

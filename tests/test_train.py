@@ -104,3 +104,10 @@ def test_tool_sod_run_logs_tool_and_step_metrics(tmp_path, cache_dir):
         assert rows[0][name] != "", name
     records = [json.loads(line) for line in (run_dir / "sod_steps.rank0.jsonl").read_text().splitlines()]
     assert records and all(len(r["d"]) == len(r["w"]) and r["w"][0] == 1.0 for r in records)
+
+
+def test_grpo_mixing_with_sod_weights_trains(tmp_path, cache_dir):
+    summary = train(tiny_cfg(tmp_path, cache_dir, "trainer.max_steps=1", "rl.outcome_coef=1.0",
+                             "rollout.samples_per_prompt=2", "sod.enabled=true", "sod.split=delimiter",
+                             "sod.delimiter=' '"))  # fmt: skip
+    assert summary["final_loss"] == summary["final_loss"]
