@@ -24,13 +24,14 @@ import lightning as L
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torchmetrics import MeanMetric
 
 from lightning_opd import losses
 from lightning_opd.align import LossSettings, ScoredBatch, ScoredSide, TokenizerPair, build_aligner
 from lightning_opd.align.base import pack_segments, unit_logprobs
 from lightning_opd.align.pairing import segment_responses
 from lightning_opd.config import Config
-from lightning_opd.metrics import AnswerAccuracy
+from lightning_opd.metrics import AnswerAccuracy, Coverage
 from lightning_opd.models import render_prompt
 from lightning_opd.rollout.generate import Rollout, generate, response_logits
 from lightning_opd.rollout.tools import generate_with_tools
@@ -62,6 +63,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def step_value(metric, *update_args) -> float:
+    """This step's value of a torchmetrics Metric over all ranks (compute() synchronises)."""
+    metric.update(*update_args)
+    value = float(metric.compute())
+    metric.reset()
+    return value
+
+
 def sequence_of_rows(rows, scored: ScoredBatch) -> torch.Tensor:
     """(R,) index of the response each row's first student token belongs to."""
     offsets = scored.student.offsets.to(rows.student_pos.device)
@@ -83,6 +92,9 @@ class OPDModule(L.LightningModule):
             temperature=cfg.loss.temperature, chunk_rows=cfg.loss.chunk_rows,
         )  # fmt: skip
         self.val_accuracy = AnswerAccuracy()
+        # per-step coverage and reward, synchronised across ranks by torchmetrics
+        self.train_coverage = Coverage()
+        self.train_reward = MeanMetric()
         self.accuracy_history: list[tuple[int, float]] = []
         self.skipped_prompts = 0
         self.run_dir: Path | None = None  # set by train(): where per-sample records go
@@ -196,11 +208,11 @@ class OPDModule(L.LightningModule):
         self._log_train({
             **extra,
             "train/loss": loss.detach(),
-            "train/coverage": supervised / max(segments.n_student_tokens, 1),
+            "train/coverage": step_value(self.train_coverage, supervised, segments.n_student_tokens),
             "train/rows": float(len(rows)),
             "train/response_len": sum(rollout.response_lengths) / max(n_batch, 1),
             "train/eos_rate": sum(rollout.ended_with_eos) / max(n_batch, 1),
-            "train/reward": sum(rewards) / max(n_batch, 1),
+            "train/reward": step_value(self.train_reward, torch.tensor(rewards or [0.0], device=self.device)),
             "train/unaligned_sequences": float(segments.n_unaligned_sequences),
             "train/invalid_utf8_tokens": float(segments.n_invalid_tokens),
             "train/skipped_prompts": float(self.skipped_prompts),
