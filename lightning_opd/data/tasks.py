@@ -69,6 +69,7 @@ def register_task(name: str) -> Callable[[type], type]:
         if name in TASKS:
             raise ValueError(f"task {name!r} is already registered ({TASKS[name].__name__})")
         TASKS[name] = cls
+        cls.name = name  # also the prefix of the task's uids and RNG streams
         return cls
 
     return decorator
@@ -175,6 +176,7 @@ class ArithTask:
     from the same generator, so example i stays a pure function of (seed, i).
     """
 
+    name = "arith"
     max_redraws = 1000
 
     def __init__(self, cfg: DataConfig):
@@ -220,7 +222,7 @@ class ArithTask:
 
     def validation_set(self) -> list[Example]:
         if self._val is None:
-            rng, problems = random.Random(f"arith-val-{self.seed}"), {}
+            rng, problems = random.Random(f"{self.name}-val-{self.seed}"), {}
             for _ in range(100 * self.val_size + 1000):
                 if len(problems) >= self.val_size:
                     break
@@ -229,20 +231,20 @@ class ArithTask:
                 raise DataError(f"cannot draw data.val_size={self.val_size} distinct problems")
             self._val_problems = frozenset(problems)
             self._val = [
-                self._make(p, f"arith-val-{self.seed}-{j}") for j, p in enumerate(problems)
+                self._make(p, f"{self.name}-val-{self.seed}-{j}") for j, p in enumerate(problems)
             ]
         return list(self._val)
 
     def example(self, index: int) -> Example:
         if index < 0:
-            raise IndexError(f"arith example index must be >= 0, got {index}")
+            raise IndexError(f"{self.name} example index must be >= 0, got {index}")
         self.validation_set()  # training draws avoid its problems
-        rng = random.Random(f"arith-{self.seed}-{index}")
+        rng = random.Random(f"{self.name}-{self.seed}-{index}")
         for _ in range(self.max_redraws):
             problem = self._draw(rng)
             if problem not in self._val_problems:
-                return self._make(problem, f"arith-{self.seed}-{index}")
-        raise DataError(f"arith example {index}: every draw was a validation problem")
+                return self._make(problem, f"{self.name}-{self.seed}-{index}")
+        raise DataError(f"{self.name} example {index}: every draw was a validation problem")
 
     def stream(self, *, shard: int, num_shards: int, start: int = 0) -> Iterator[Example]:
         check_shard(shard, num_shards, start)

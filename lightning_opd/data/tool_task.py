@@ -89,29 +89,3 @@ class ArithToolTask(ArithTask):
         trace = f"```python\nprint({expr})\n```" + wrap_observation(answer, "fenced")
         solution = f"{trace}{ANSWER_MARK} {answer}"
         return Example(f"What is {expr}?", answer, solution, uid=uid, answer_kind="number")
-
-    def validation_set(self) -> list[Example]:
-        if self._val is None:
-            rng, problems = random.Random(f"arith_tool-val-{self.seed}"), {}
-            for _ in range(100 * self.val_size + 1000):
-                if len(problems) >= self.val_size:
-                    break
-                problems.setdefault(self._draw(rng), None)  # a dict keeps draw order
-            if len(problems) < self.val_size:
-                raise DataError(f"cannot draw data.val_size={self.val_size} distinct problems")
-            self._val_problems = frozenset(problems)
-            self._val = [
-                self._make(p, f"arith_tool-val-{self.seed}-{j}") for j, p in enumerate(problems)
-            ]
-        return list(self._val)
-
-    def example(self, index: int) -> Example:
-        if index < 0:
-            raise IndexError(f"arith_tool example index must be >= 0, got {index}")
-        self.validation_set()  # training draws avoid its problems
-        rng = random.Random(f"arith_tool-{self.seed}-{index}")
-        for _ in range(self.max_redraws):
-            problem = self._draw(rng)
-            if problem not in self._val_problems:
-                return self._make(problem, f"arith_tool-{self.seed}-{index}")
-        raise DataError(f"arith_tool example {index}: every draw was a validation problem")
