@@ -33,8 +33,8 @@ from lightning_opd.align.pairing import segment_responses
 from lightning_opd.config import Config
 from lightning_opd.metrics import AnswerAccuracy, Coverage
 from lightning_opd.models import render_prompt
-from lightning_opd.rollout.generate import Rollout, generate, response_logits
-from lightning_opd.rollout.tools import generate_with_tools
+from lightning_opd.rollout.generate import Rollout, response_logits
+from lightning_opd.rollout.tools import sample_responses
 from lightning_opd.sft import evaluate_accuracy, warmup_cosine
 from lightning_opd.weighting import (
     StepWeights,
@@ -233,12 +233,8 @@ class OPDModule(L.LightningModule):
     # --- rollout, weighting, metrics ---------------------------------------------------------
     def rollout(self, prompts: list[list[int]], greedy: bool = False) -> Rollout:
         """Student sampling: plain, or with tool calls executed in the sandbox."""
-        tok = self.student_tokenizer
-        if self.cfg.tools.enabled:
-            return generate_with_tools(self.student, tok, prompts, self.cfg.rollout, self.cfg.tools,
-                                       eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, greedy=greedy)  # fmt: skip
-        return generate(self.student, prompts, self.cfg.rollout, eos_id=tok.eos_token_id,
-                        pad_id=tok.pad_token_id, greedy=greedy, synced_gpus=self.synced_generation)  # fmt: skip
+        return sample_responses(self.student, self.student_tokenizer, prompts, self.cfg.rollout, self.cfg.tools,
+                                greedy=greedy, synced_gpus=self.synced_generation)  # fmt: skip
 
     def packed_step_ids(self, rollout: Rollout, texts: list[str], offsets: torch.Tensor) -> torch.Tensor:
         """(N,) SOD step of every packed student position; EOS joins the last step; -1 = none."""

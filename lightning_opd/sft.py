@@ -16,8 +16,7 @@ import torch
 from lightning_opd.config import RolloutConfig, SFTConfig, ToolsConfig
 from lightning_opd.metrics import AnswerAccuracy
 from lightning_opd.models import render_prompt
-from lightning_opd.rollout.generate import generate
-from lightning_opd.rollout.tools import generate_with_tools
+from lightning_opd.rollout.tools import sample_responses
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -112,11 +111,8 @@ def evaluate_accuracy(model, tokenizer, examples, task, *, max_new_tokens: int, 
             continue
         chunk = chunk or examples[:1]  # a rank with nothing left still joins the collective
         prompts = [tokenizer(render_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"] for ex in chunk]
-        ids = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
-        if tools is not None and tools.enabled:  # the tool task is answered with the interpreter
-            out = generate_with_tools(model, tokenizer, prompts, rollout_cfg, tools, greedy=True, **ids)
-        else:
-            out = generate(model, prompts, rollout_cfg, greedy=True, synced_gpus=synced_gpus, **ids)
+        # the tool task is answered with the interpreter
+        out = sample_responses(model, tokenizer, prompts, rollout_cfg, tools, greedy=True, synced_gpus=synced_gpus)
         texts = tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
         if i * per_batch < len(examples):
             metric.update(texts, chunk)

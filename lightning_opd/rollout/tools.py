@@ -298,3 +298,14 @@ def generate_with_tools(
                 active.append(i)
     return Rollout(prompts, resp, ended, index, loss_mask=mask, step_ids=steps,
                    tool_calls=calls, tool_successes=successes)
+
+
+def sample_responses(model, tokenizer, prompt_ids: list[list[int]], rollout_cfg: RolloutConfig,
+                     tools_cfg: ToolsConfig | None, *, greedy: bool = False,
+                     synced_gpus: bool = False) -> Rollout:  # fmt: skip
+    """The one place that picks the rollout: with the interpreter when `tools_cfg.enabled`,
+    else plain `generate` (training and validation both come through here)."""
+    ids = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
+    if tools_cfg is not None and tools_cfg.enabled:
+        return generate_with_tools(model, tokenizer, prompt_ids, rollout_cfg, tools_cfg, greedy=greedy, **ids)
+    return generate(model, prompt_ids, rollout_cfg, greedy=greedy, synced_gpus=synced_gpus, **ids)
