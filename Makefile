@@ -6,11 +6,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 EXP ?= default
+KNOB ?= aligner
+SEEDS ?= 0 1 2
+RUNS ?= results
 ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test lint clean
+.PHONY: help install train test ablate report bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,6 +32,15 @@ train: $(STAMP) ## run an experiment: make train EXP=default ARGS="trainer.max_s
 
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+ablate: $(STAMP) ## one run per overlay and seed: make ablate EXP=default KNOB=aligner SEEDS="0 1 2"
+	$(BIN)/lightning-opd ablate configs/experiment/$(EXP).yaml --knob $(KNOB) --seeds "$(SEEDS)" $(ARGS)
+
+report: $(STAMP) ## table.md + curves.png from finished runs: make report RUNS=results/default/aligner
+	$(BIN)/lightning-opd report $(RUNS)
+
+bench: $(STAMP) ## alignment, rows+loss and step benchmarks: prints a table, writes results/bench.json
+	$(BIN)/lightning-opd bench --out results/bench.json $(ARGS)
 
 lint: $(STAMP) ## ruff check
 	$(BIN)/ruff check .

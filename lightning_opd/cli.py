@@ -67,11 +67,37 @@ def _align_arguments(parser: argparse.ArgumentParser) -> None:
     add_align_arguments(parser)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from lightning_opd.report import run_report
+
+    return run_report(args)
+
+
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    from lightning_opd.report import add_report_arguments
+
+    add_report_arguments(parser)
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from lightning_opd.ablate import run_ablate
+
+    return run_ablate(args)
+
+
+def _ablate_arguments(parser: argparse.ArgumentParser) -> None:
+    from lightning_opd.ablate import add_ablate_arguments
+
+    add_ablate_arguments(parser)
+
+
 # name -> (run, add its arguments, help)
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {
     "train": (cmd_train, _items_arguments, "run an experiment: CONFIG.yaml... [key=value...]"),
     "config": (cmd_config, _items_arguments, "print the resolved config: CONFIG.yaml... [key=value...]"),
     "align": (cmd_align, _align_arguments, "alignment coverage of tokenizer pairs on a JSONL file"),
+    "ablate": (cmd_ablate, _ablate_arguments, "one run per overlay of a knob and seed, then the report"),
+    "report": (cmd_report, _report_arguments, "table.md and curves.png from run directories"),
 }
 
 

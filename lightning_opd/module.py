@@ -100,6 +100,7 @@ class OPDModule(L.LightningModule):
         self.run_dir: Path | None = None  # set by train(): where per-sample records go
         self.seen_uids: list[str] = []  # prompts this rank trained on (first MAX_RECORDED_UIDS)
         self._update_start = 0.0
+        self.start_step = 0
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -354,6 +355,7 @@ class OPDModule(L.LightningModule):
         return accuracy
 
     def on_train_start(self) -> None:
+        self.start_step = int(self.global_step)  # > 0 when resumed from a checkpoint
         if not self.accuracy_history:  # a resumed run already measured "before"
             self.run_validation()
 
@@ -381,6 +383,7 @@ class OPDModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.accuracy_history = [tuple(x) for x in checkpoint.get("opd_accuracy_history", [])]
+        self.start_step = int(checkpoint.get("global_step", 0))
         # sampling continues exactly where the saved run was: the RNG is restored right before the
         # first step, because starting the DataLoader iterator draws from the global RNG
         self._pending_rng = checkpoint.get("opd_rng")

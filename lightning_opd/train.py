@@ -94,9 +94,14 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     # seed again: preparation consumes randomness only when it trains (a cache miss), and a run
     # must not depend on whether its teacher was cached
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    # Lightning's CSVLogger starts metrics.csv afresh: keep the rows of the interrupted part
+    earlier_metrics = _read_metrics(run_dir) if cfg.run.resume_from else []
     trainer = build_trainer(cfg, run_dir, callbacks)
     train_start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.run.resume_from)
+    train_seconds = time.time() - train_start
+    if earlier_metrics and trainer.is_global_zero:
+        _merge_metrics(run_dir, earlier_metrics)
     history = module.accuracy_history
     summary = {
         "experiment": cfg.experiment,
@@ -108,7 +113,9 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
         "final_loss": None,
         "steps": int(trainer.global_step),
         "seconds": time.time() - start,
-        "train_seconds": time.time() - train_start,
+        "train_seconds": train_seconds,
+        # steps trained by this call (a resumed run counts only its own), per second of fit
+        "steps_per_second": _rate(trainer.global_step - module.start_step, train_seconds),
         "bad_lines": datamodule.bad_lines,
         "skipped_prompts": module.skipped_prompts,
         "accuracy_history": history,
@@ -144,6 +151,32 @@ def write_rank_record(run_dir: Path, rank: int, module: OPDModule) -> None:
     record = {"rank": rank, "param_checksum": parameter_checksum(module.student), "prompt_uids": module.seen_uids}
     (run_dir / "ranks").mkdir(exist_ok=True)
     (run_dir / "ranks" / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def _rate(steps: int, seconds: float) -> float | None:
+    return steps / seconds if steps > 0 and seconds > 0 else None
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    import csv
+
+    path = run_dir / "metrics.csv"
+    return list(csv.DictReader(path.open())) if path.is_file() else []
+
+
+def _merge_metrics(run_dir: Path, earlier: list[dict]) -> None:
+    """metrics.csv = the earlier rows before the first step this call logged + this call's rows
+    (steps after the checkpoint that the interrupted part had logged are trained again)."""
+    import csv
+
+    later = _read_metrics(run_dir)
+    first_new = min((int(r["step"]) for r in later if r.get("step")), default=None)
+    rows = [r for r in earlier if r.get("step") and (first_new is None or int(r["step"]) < first_new)] + later
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with (run_dir / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _mean(values: list[float]) -> float | None:

@@ -1,0 +1,165 @@
+"""`lightning-opd ablate EXPERIMENT.yaml --knob K --seeds "0 1 2"`: one run per overlay and seed.
+
+A *knob* is a directory `configs/ablation/<knob>/` of overlays, each a config delta holding
+only what it changes (`aligner/exact.yaml` is `aligner: {name: exact}`). For every overlay and
+seed the runner loads
+
+    base.yaml <- EXPERIMENT.yaml <- overlay <- overrides <- trainer.seed=S data.seed=S
+
+and trains it into `<out>/<experiment>/<knob>/<variant>/seed<S>/` (the data seed also draws a
+different validation set, as in docs/results.md). After all runs it writes `table.md` and
+`curves.png` there (report.py).
+
+Resuming: a run with a `summary.json` is finished and skipped; a run directory without one
+was interrupted and resumes from its last checkpoint (`checkpoints/last.ckpt`, written every
+`trainer.checkpoint_every_n_steps`, which the runner sets to a fifth of the run when the
+experiment leaves it at 0), or starts again if it has none. Validation runs at the same
+interval unless set, so curves.png has points between "before" and "after".
+
+One failing run does not stop the ablation: its traceback goes to `<run>/error.txt`, the rest
+go on, and the command exits 1 at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightning_opd.config import CONFIG_DIR, Config, ConfigError, load
+
+ABLATION_DIR = CONFIG_DIR / "ablation"
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    variant: str
+    overlay: Path
+    seed: int
+    run_dir: Path
+
+    @property
+    def finished(self) -> bool:
+        return (self.run_dir / "summary.json").is_file()
+
+
+def knob_overlays(knob: str, ablation_dir: Path = ABLATION_DIR) -> list[Path]:
+    directory = ablation_dir / knob
+    overlays = sorted(directory.glob("*.yaml"))
+    if not overlays:
+        known = sorted(p.name for p in ablation_dir.iterdir() if p.is_dir()) if ablation_dir.is_dir() else []
+        raise ConfigError(f"ablation knob '{knob}': no overlays in {directory}; knobs: {known}")
+    return overlays
+
+
+def parse_seeds(text: str | list[str]) -> list[int]:
+    items = text if isinstance(text, list) else [text]
+    try:
+        seeds = [int(s) for item in items for s in item.replace(",", " ").split()]
+    except ValueError:
+        raise ConfigError(f"--seeds must be integers, got {items!r}") from None
+    if not seeds:
+        raise ConfigError("--seeds is empty")
+    return seeds
+
+
+def plan(experiment: Path, knob: str, seeds: list[int], out: Path,
+         ablation_dir: Path = ABLATION_DIR) -> tuple[str, list[PlannedRun]]:  # fmt: skip
+    name = load(experiment).experiment
+    root = out / name / knob
+    runs = [PlannedRun(overlay.stem, overlay, seed, root / overlay.stem / f"seed{seed}")
+            for overlay in knob_overlays(knob, ablation_dir) for seed in seeds]  # fmt: skip
+    return name, runs
+
+
+def run_config(experiment: Path, run: PlannedRun, knob: str, overrides: list[str]) -> Config:
+    seed = [f"trainer.seed={run.seed}", f"data.seed={run.seed}"]
+    placement = [f"run.output_dir={run.run_dir.parent}", f"run.name={run.run_dir.name}"]
+    cfg = load(experiment, run.overlay, overrides=[*overrides, *seed, *placement])
+    interval = max(cfg.trainer.max_steps // 5, 1)
+    if cfg.trainer.checkpoint_every_n_steps == 0:
+        cfg.trainer.checkpoint_every_n_steps = interval
+    if cfg.trainer.val_every_n_steps == 0:
+        cfg.trainer.val_every_n_steps = interval
+    last = run.run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        cfg.run.resume_from = str(last)
+    return cfg
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+def ablate(experiment: str | Path, knob: str, seeds: list[int], out: str | Path = "results",
+           overrides: list[str] | tuple[str, ...] = (), ablation_dir: Path = ABLATION_DIR,
+           log=print) -> dict:  # fmt: skip
+    """Run every (overlay, seed) not yet finished, then write the report.
+
+    Returns {"dir", "finished", "failed", "skipped", "table", "curves"}.
+    """
+    from lightning_opd.report import find_runs, write_report
+    from lightning_opd.train import train
+
+    experiment, out = Path(experiment), Path(out)
+    name, runs = plan(experiment, knob, seeds, out, ablation_dir)
+    configs = {run: run_config(experiment, run, knob, list(overrides)) for run in runs}  # bad keys fail here
+    todo = [r for r in runs if not r.finished]
+    log(f"ablation {name}/{knob}: {len(runs)} runs, {len(runs) - len(todo)} already finished")
+    failed, durations = [], []
+    for i, run in enumerate(todo, start=1):
+        eta = f", about {_duration(sum(durations) / len(durations) * (len(todo) - i + 1))} left" if durations else ""
+        resuming = " (resuming)" if configs[run].run.resume_from else ""
+        log(f"[{i}/{len(todo)}] {knob}={run.variant} seed={run.seed}{resuming}{eta}")
+        if run.run_dir.exists() and not configs[run].run.resume_from:
+            shutil.rmtree(run.run_dir)  # an interrupted run without a checkpoint starts again
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "ablation.json").write_text(json.dumps({"knob": knob, "variant": run.variant, "seed": run.seed}))
+        start = time.time()
+        try:
+            summary = train(configs[run])
+            log(f"    done in {_duration(time.time() - start)}: accuracy {summary['student_accuracy_before']}"
+                f" -> {summary['student_accuracy_after']}, coverage {summary['coverage']}")
+        except Exception:  # one broken run must not end the ablation
+            (run.run_dir / "error.txt").write_text(traceback.format_exc())
+            failed.append(run)
+            log(f"    FAILED (traceback in {run.run_dir / 'error.txt'})")
+        durations.append(time.time() - start)
+    root = out / name / knob
+    finished = [r for r in runs if r.finished]
+    result = {"dir": str(root), "finished": len(finished), "failed": len(failed),
+              "skipped": len(runs) - len(todo), "table": None, "curves": None}  # fmt: skip
+    if finished:
+        table, curves = write_report(find_runs([r.run_dir for r in finished]), root, f"{name}: {knob}")
+        result.update(table=str(table), curves=str(curves))
+        log(table.read_text())
+        log(f"wrote {table} and {curves}")
+    return result
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", help="the experiment config, e.g. configs/experiment/default.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    parser.add_argument("--knob", required=True, help="a directory of overlays under configs/ablation/")
+    parser.add_argument("--seeds", default="0", help='seeds, e.g. "0 1 2" (default 0)')
+    parser.add_argument("--out", default="results", help="results root (default: results)")
+
+
+def run_ablate(args: argparse.Namespace) -> int:
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"command line: overrides must look like key=value, got {bad}")
+    result = ablate(args.experiment, args.knob, parse_seeds(args.seeds), args.out, args.overrides)
+    if result["failed"]:
+        print(f"lightning-opd ablate: {result['failed']} run(s) failed", file=sys.stderr)
+        return 1
+    return 0

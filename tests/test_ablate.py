@@ -1,0 +1,141 @@
+"""The ablation runner and the report: plan, skip/resume, tables checked against the runs' summaries."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lightning_opd.ablate import ABLATION_DIR, ablate, parse_seeds, plan
+from lightning_opd.cli import main
+from lightning_opd.config import ConfigError, load
+from lightning_opd.report import find_runs, mean_curve, mean_sd, summarise
+from tests.test_train import ROOT, TINY
+
+EXPERIMENTS = ROOT / "configs" / "experiment"
+# knob -> the experiment its overlays are meant for
+KNOB_EXPERIMENT = {"sod": "arith_tool_opd"}
+
+
+@pytest.mark.parametrize("overlay", sorted(ABLATION_DIR.glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_overlay_loads_and_changes_something(overlay: Path):
+    experiment = EXPERIMENTS / f"{KNOB_EXPERIMENT.get(overlay.parent.name, 'default')}.yaml"
+    cfg = load(experiment, overlay)
+    assert cfg.experiment == load(experiment).experiment  # overlays hold deltas, not a new experiment
+    assert overlay.read_text().startswith("#"), "each overlay says what it changes"
+
+
+def test_overlays_hold_the_variants_the_issue_names():
+    names = {f"{p.parent.name}/{p.stem}" for p in ABLATION_DIR.glob("*/*.yaml")}
+    for required in ("aligner/exact", "aligner/simct", "aligner/simct_1to1", "aligner/alm", "aligner/uld",
+                     "aligner/random_span_30", "loss/rkl_full", "loss/rkl_sampled", "loss/jsd",
+                     "sod/off", "sod/on"):  # fmt: skip
+        assert required in names
+    assert load(EXPERIMENTS / "default.yaml", ABLATION_DIR / "aligner" / "random_span_30.yaml").aligner.ratio == 0.3
+
+
+def test_parse_seeds():
+    assert parse_seeds("0 1 2") == [0, 1, 2]
+    assert parse_seeds("3,4") == [3, 4]
+    with pytest.raises(ConfigError, match="integers"):
+        parse_seeds("0 x")
+
+
+def test_unknown_knob_names_the_directory(tmp_path):
+    with pytest.raises(ConfigError, match="no overlays in .*nope"):
+        plan(EXPERIMENTS / "default.yaml", "nope", [0], tmp_path)
+
+
+def test_mean_sd_and_mean_curve_by_hand():
+    assert mean_sd([0.3, 0.5]) == "0.400 ± 0.141"  # sample sd of {0.3, 0.5} = 0.1414
+    assert mean_sd([0.25]) == "0.250 ± 0.000"
+    assert mean_sd([0.1, 0.3], signed=True) == "+0.200 ± 0.141"
+    assert mean_sd([]) == "—"
+    steps, values = mean_curve([([0, 1, 2], [1.0, 2.0, 3.0]), ([0, 2], [3.0, 5.0])])
+    assert steps == [0, 2] and values == [2.0, 4.0]  # only steps both runs logged
+
+
+@pytest.fixture(scope="module")
+def two_overlays(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("ablation")
+    (directory / "pair").mkdir()
+    for name in ("exact", "simct"):
+        shutil.copy(ABLATION_DIR / "aligner" / f"{name}.yaml", directory / "pair" / f"{name}.yaml")
+    return directory
+
+
+def test_ablation_end_to_end_writes_a_table_that_matches_the_runs(tmp_path, two_overlays):
+    out, log = tmp_path / "results", []
+    overrides = [*TINY, f"run.cache_dir={tmp_path / 'cache'}"]
+    result = ablate(EXPERIMENTS / "default.yaml", "pair", [0], out, overrides, ablation_dir=two_overlays, log=log.append)
+    assert result["finished"] == 2 and result["failed"] == 0 and result["skipped"] == 0
+    root = out / "default" / "pair"
+    for variant in ("exact", "simct"):
+        summary = json.loads((root / variant / "seed0" / "summary.json").read_text())
+        assert summary["aligner"] == variant and summary["steps"] == 2
+        assert json.loads((root / variant / "seed0" / "ablation.json").read_text())["variant"] == variant
+    assert any(line.startswith("[2/2] pair=simct seed=0") for line in log)
+    assert any("left" in line for line in log if line.startswith("[2/2]"))  # a time estimate
+
+    table = (root / "table.md").read_text()
+    assert (root / "curves.png").stat().st_size > 1000
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| `")}
+    assert set(rows) == {"`exact`", "`simct`"}
+    for variant in ("exact", "simct"):
+        summary = json.loads((root / variant / "seed0" / "summary.json").read_text())
+        cells = [c.strip() for c in rows[f"`{variant}`"].split("|")[1:-1]]
+        assert cells[3] == f"{summary['student_accuracy_after']:.3f} ± 0.000"
+        assert cells[5] == f"{summary['coverage']:.4f} ± 0.0000"
+        assert cells[6] == f"{summary['final_loss']:.4f} ± 0.0000"
+        assert float(cells[7].split()[0]) == pytest.approx(summary["steps_per_second"], abs=0.006)
+        assert summary["steps_per_second"] == pytest.approx(summary["steps"] / summary["train_seconds"])
+
+    # everything finished: a second call trains nothing
+    again = ablate(EXPERIMENTS / "default.yaml", "pair", [0], out, overrides, ablation_dir=two_overlays, log=log.append)
+    assert again["skipped"] == 2 and again["finished"] == 2
+
+    # an interrupted run (no summary.json) is run again; the other is skipped
+    (root / "simct" / "seed0" / "summary.json").unlink()
+    log.clear()
+    third = ablate(EXPERIMENTS / "default.yaml", "pair", [0], out, overrides, ablation_dir=two_overlays, log=log.append)
+    assert third["skipped"] == 1 and third["finished"] == 2 and third["failed"] == 0
+    resumed = json.loads((root / "simct" / "seed0" / "summary.json").read_text())
+    assert resumed["steps"] == 2 and resumed["steps_per_second"] is None  # nothing left to train
+    assert any("pair=simct seed=0 (resuming)" in line for line in log)
+
+    # the report command rebuilds the same table from the run directories
+    assert main(["report", str(root), "--out", str(tmp_path / "report")]) == 0
+    def body(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith("| `")]
+
+    rebuilt = (tmp_path / "report" / "table.md").read_text()
+    assert body(rebuilt)[0] == body(table)[0]  # exact: untouched
+    simct = [c.strip() for c in body(rebuilt)[1].split("|")[1:-1]]
+    # the resumed run kept its metrics: coverage and loss as before the interruption
+    assert simct[5] == [c.strip() for c in body(table)[1].split("|")[1:-1]][5]
+    assert simct[6] == [c.strip() for c in body(table)[1].split("|")[1:-1]][6]
+
+
+def test_summarise_groups_seeds_of_a_variant(tmp_path):
+    for seed, after in ((0, 0.3), (1, 0.5)):
+        run = tmp_path / "v" / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "ablation.json").write_text(json.dumps({"knob": "k", "variant": "v", "seed": seed}))
+        (run / "summary.json").write_text(json.dumps({
+            "experiment": "e", "aligner": "simct", "student_accuracy_before": 0.1, "student_accuracy_after": after,
+            "coverage": 0.9, "final_loss": 1.0, "steps": 10, "train_seconds": 5.0, "accuracy_history": [[0, 0.1], [10, after]],
+        }))  # fmt: skip
+    (summary,) = summarise(find_runs([tmp_path]))
+    assert summary.seeds == [0, 1]
+    assert mean_sd(summary.after) == "0.400 ± 0.141"
+    assert mean_sd(summary.gain, signed=True) == "+0.300 ± 0.141"
+    assert summary.steps_per_second == [2.0, 2.0]
+
+
+def test_report_errors_exit_2(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2  # exists, holds no runs
+    assert "no finished runs" in capsys.readouterr().err
