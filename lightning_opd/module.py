@@ -124,6 +124,15 @@ class OPDModule(L.LightningModule):
         """Sharded models need every rank in every forward pass, finished or not."""
         return self.cfg.trainer.strategy == "fsdp" and self._trainer is not None and self.trainer.world_size > 1
 
+    def setup(self, stage: str) -> None:
+        if self.synced_generation and self.cfg.tools.enabled:
+            # each rank's tool loop runs a data-dependent number of generate calls, and sharded
+            # models need every rank in every forward: that would hang, so refuse up front
+            raise ValueError(
+                "tools.enabled=true with trainer.strategy=fsdp on more than one device is not supported "
+                "(tool rollouts are not synchronised across ranks); use trainer.strategy=ddp"
+            )
+
     def _global_token_count(self, count: int) -> float:
         """Tokens in the global batch divided by world size: DDP/FSDP average gradients over
         ranks, so dividing each rank's sum by this gives the token mean of the global batch."""

@@ -86,3 +86,12 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert any(not torch.equal(part1[k], straight[k]) for k in straight), "training changed nothing"
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+
+
+def test_tool_rollouts_under_fsdp_are_refused_with_a_clear_message(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = [*CLI[:-1], str(ROOT / "configs/experiment/arith_tool_opd.yaml"), *TINY, f"run.output_dir={tmp_path}",
+            f"run.cache_dir={tmp_path / 'cache'}", "trainer.devices=2", "trainer.strategy=fsdp"]  # fmt: skip
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "tools.enabled=true with trainer.strategy=fsdp" in done.stderr + done.stdout
