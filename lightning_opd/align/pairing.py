@@ -61,6 +61,11 @@ def _one_token_per_segment(n: int, eos: bool, excluded: np.ndarray | None) -> Se
     return SequenceSegments(bounds, bounds.copy(), valid, len(bounds) - 1, 0)
 
 
+def tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's ids, no special tokens, in one batched call ([] for no texts)."""
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
 def segment_responses(
     pair: TokenizerPair,
     student_ids: list[list[int]],
@@ -75,24 +80,28 @@ def segment_responses(
 
     The teacher's ids get the teacher's EOS appended where the student ended with its EOS.
     """
-    texts, teacher_ids, segments = [], [], []
     teacher_eos = pair.teacher.eos_token_id
     masks = loss_mask if loss_mask is not None else [None] * len(student_ids)
-    for ids, eos, mask in zip(student_ids, ended_with_eos, masks, strict=True):
+    decoded = [repair_utf8(pair.student_bytes.join(ids)) for ids in student_ids]  # (text, map, bad)
+    texts = [text for text, _, _ in decoded]
+    # the teacher tokenizes every text that needs it in one batched call: the Rust tokenizer
+    # spreads a batch over its threads, and this call is most of the cost of alignment
+    needs_teacher = [b for b, (_, _, bad) in enumerate(decoded) if not pair.identical or bad.any()]
+    teacher_of = dict(zip(needs_teacher, tokenize(pair.teacher, [texts[b] for b in needs_teacher]), strict=True))
+    teacher_ids, segments = [], []
+    for b, (ids, eos, mask) in enumerate(zip(student_ids, ended_with_eos, masks, strict=True)):
         excluded = None if mask is None or all(mask) else np.asarray(mask, np.int64) == 0
-        raw = pair.student_bytes.join(ids)
-        text, offset_map, bad = repair_utf8(raw)
-        texts.append(text)
-        if pair.identical and not bad.any():
+        text, offset_map, bad = decoded[b]
+        if b not in teacher_of:  # identical tokenizers, valid UTF-8: the teacher scores the same ids
             teacher_ids.append(list(ids) + ([teacher_eos] if eos else []))
             segments.append(_one_token_per_segment(len(ids), eos, excluded))
             continue
-        t_ids = pair.teacher(text, add_special_tokens=False)["input_ids"]
+        t_ids = teacher_of[b]
         teacher_ids.append(list(t_ids) + ([teacher_eos] if eos else []))
         if pair.teacher_bytes.join(t_ids) != text.encode("utf-8"):
             segments.append(None)  # the teacher normalised the text: nothing to align safely
             continue
-        s_lengths = pair.student_bytes.lengths[np.asarray(ids, np.int64)] if ids else np.zeros(0, np.int64)
+        s_lengths = pair.student_bytes.lengths[np.asarray(ids, np.int64)] if len(ids) else np.zeros(0, np.int64)
         t_lengths = pair.teacher_bytes.lengths[np.asarray(t_ids, np.int64)] if t_ids else np.zeros(0, np.int64)
         repaired = bad.any()
         segments.append(
