@@ -96,7 +96,7 @@ class ModelConfig:
 class RolloutConfig:
     """Student sampling."""
 
-    engine: str = "hf"  # hf (transformers generate)
+    engine: str = "hf"  # hf (transformers generate) | vllm (colocated vLLM engine; GPU + the vllm extra)
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
@@ -279,6 +279,7 @@ def load(*files: str | Path, overrides: list[str] | tuple[str, ...] = (), base: 
 _CHOICES = {
     "data.on_bad_line": ("error", "skip"),
     "loss.form": ("full", "sampled"),
+    "rollout.engine": ("hf", "vllm"),
     "aligner.span_logit": ("mean_logit", "mean_logprob"),
     "aligner.boundary": ("match", "offset"),
     "tools.format": ("fenced", "hermes"),

@@ -304,7 +304,12 @@ def sample_responses(model, tokenizer, prompt_ids: list[list[int]], rollout_cfg:
                      tools_cfg: ToolsConfig | None, *, greedy: bool = False,
                      synced_gpus: bool = False) -> Rollout:  # fmt: skip
     """The one place that picks the rollout: with the interpreter when `tools_cfg.enabled`,
-    else plain `generate` (training and validation both come through here)."""
+    else plain `generate` (training and validation both come through here); a colocated vLLM
+    engine when `rollout.engine=vllm` (GPU only, see vllm_engine.py)."""
+    if rollout_cfg.engine == "vllm":
+        from lightning_opd.rollout.vllm_engine import vllm_sample
+
+        return vllm_sample(model, tokenizer, prompt_ids, rollout_cfg, tools_cfg, greedy=greedy)
     ids = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
     if tools_cfg is not None and tools_cfg.enabled:
         return generate_with_tools(model, tokenizer, prompt_ids, rollout_cfg, tools_cfg, greedy=greedy, **ids)
