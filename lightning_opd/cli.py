@@ -91,6 +91,18 @@ def _ablate_arguments(parser: argparse.ArgumentParser) -> None:
     add_ablate_arguments(parser)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lightning_opd.bench import run_bench_command
+
+    return run_bench_command(args)
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from lightning_opd.bench import add_bench_arguments
+
+    add_bench_arguments(parser)
+
+
 # name -> (run, add its arguments, help)
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {
     "train": (cmd_train, _items_arguments, "run an experiment: CONFIG.yaml... [key=value...]"),
@@ -98,6 +110,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
     "align": (cmd_align, _align_arguments, "alignment coverage of tokenizer pairs on a JSONL file"),
     "ablate": (cmd_ablate, _ablate_arguments, "one run per overlay of a knob and seed, then the report"),
     "report": (cmd_report, _report_arguments, "table.md and curves.png from run directories"),
+    "bench": (cmd_bench, _bench_arguments, "time alignment, rows, loss and one training step (DESIGN §7)"),
 }
 
 
