@@ -34,7 +34,7 @@ test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ablate: $(STAMP) ## one run per overlay and seed: make ablate EXP=default KNOB=aligner SEEDS="0 1 2"
-	$(BIN)/lightning-opd ablate configs/experiment/$(EXP).yaml --knob $(KNOB) --seeds "$(SEEDS)" $(ARGS)
+	$(BIN)/lightning-opd ablate configs/experiment/$(EXP).yaml $(ARGS) --knob $(KNOB) --seeds "$(SEEDS)"
 
 report: $(STAMP) ## table.md + curves.png from finished runs: make report RUNS=results/default/aligner
 	$(BIN)/lightning-opd report $(RUNS)
