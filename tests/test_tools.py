@@ -291,3 +291,22 @@ def test_arith_tool_traces_hold_real_sandbox_output() -> None:
         observed = format_observation(result, "fenced", 256)
         start, end = observation_spans(ex.solution)[0]
         assert ex.solution[start:end] == observed
+
+
+def test_tool_task_sft_masks_the_observation_out_of_the_labels(split_tokenizer) -> None:
+    from lightning_opd.sft import sft_batch
+
+    task = ArithToolTask(DataConfig(val_size=10))
+    ex = task.example(0)
+    # the SFT loop finds the spans on the task (sft.supervised_finetune uses the same lookup)
+    spans_of = getattr(task, "observation_spans", None)
+    assert spans_of is not None
+    ids, _, labels = sft_batch(split_tokenizer, [ex], "cpu", spans_of)
+    targets = labels[0][labels[0] != -100].tolist()
+    text = split_tokenizer.decode(targets, skip_special_tokens=True)
+    (start, end), = observation_spans(ex.solution)
+    assert "```output" not in text  # the observation is input only
+    assert text.replace(" ", "") == (ex.solution[:start] + ex.solution[end:]).replace(" ", "")
+    # without the spans every solution token is a target
+    _, _, unmasked = sft_batch(split_tokenizer, [ex], "cpu", None)
+    assert int((unmasked[0] != -100).sum()) > len(targets)

@@ -17,9 +17,9 @@ text the rollout loop appends (`tools.wrap_observation`). The output is computed
 own integers (running the sandbox per example would cost ~50 ms); tests check on a sample that
 the sandbox prints the same thing, so the traces hold real sandbox outputs.
 
-SFT runs teacher forcing over the whole solution, observation included. `observation_spans`
-gives the character spans of the observations, so that SFT can mask them from the loss as the
-rollouts do (whether it does is the trainer's choice).
+SFT runs teacher forcing over the whole solution, observation included as input. The task's
+`observation_spans` gives the character spans of the observations, and SFT masks their tokens
+out of the labels, as the rollouts' loss mask does.
 
 Determinism, sharding, validation and checking follow `ArithTask`: example i is a pure
 function of (seed, i) through `random.Random(f"arith_tool-{seed}-{i}")`; the validation set is
@@ -50,6 +50,10 @@ def observation_spans(solution: str) -> list[tuple[int, int]]:
 @register_task("arith_tool")
 class ArithToolTask(ArithTask):
     """`What is 4821*37+519?`, answered by one fenced Python call and `#### <answer>`."""
+
+    # SFT (sft.supervised_finetune) masks these spans out of the labels: the model learns to
+    # call the interpreter and read its output, not to predict the output itself
+    observation_spans = staticmethod(observation_spans)
 
     a_digits = (3, 4)
     b_digits = (2, 3)
