@@ -87,3 +87,14 @@ def test_naive_reference_does_the_same_work_as_the_fast_path(result):
 def test_bench_rejects_bad_lengths(capsys):
     assert main(["bench", "--lengths", "256,abc"]) == 2
     assert "--lengths wants positive integers" in capsys.readouterr().err
+
+
+def test_row_building_runs_on_one_torch_thread_and_restores_the_count():
+    import torch
+
+    from lightning_opd.align.base import single_threaded
+
+    before = torch.get_num_threads()
+    seen = single_threaded(torch.get_num_threads)()
+    assert torch.get_num_threads() == before
+    assert seen == 1 or before == 1  # (backends other than OpenMP keep their count: not tested here)

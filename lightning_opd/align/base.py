@@ -209,17 +209,21 @@ def sampled_row_losses(rows: Rows, batch: ScoredBatch, temperature: float) -> to
 ALIGNERS: dict[str, type[Aligner]] = {}
 
 
+_OPENMP = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 def single_threaded(fn: Callable) -> Callable:
     """Run `fn` with one torch intra-op thread. Row building is bookkeeping on index tensors of a
     few thousand entries, where torch still opens parallel regions (advanced indexing from ~4k
     entries, repeat_interleave always); when the cores are busy each region waits a scheduler
     slice for its second thread: 5 ms for a 4k-entry gather instead of 0.02 ms (measured on 2
-    loaded cores, docs/performance.md). The thread count is restored afterwards."""
+    loaded cores, docs/performance.md). The thread count is restored afterwards. Only with the
+    OpenMP backend (Linux and macOS wheels): torch's native backend cannot change it once used."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         threads = torch.get_num_threads()
-        if threads == 1:
+        if threads == 1 or not _OPENMP:
             return fn(*args, **kwargs)
         torch.set_num_threads(1)
         try:
