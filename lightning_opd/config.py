@@ -166,7 +166,7 @@ class LossConfig:
     beta: float = 0.5  # JSD interpolation (0 = forward KL, 1 = reverse KL)
     temperature: float = 1.0  # softmax temperature of both models in the loss
     normalizer: str = "response_tokens"  # response_tokens | supervised_tokens
-    chunk_rows: int = 4096  # rows per chunk when building row logits (memory bound)
+    chunk_rows: int = 512  # rows per chunk of row logits (memory bound; recomputed in backward)
 
 
 @dataclass

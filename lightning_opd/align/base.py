@@ -137,7 +137,7 @@ class LossSettings:
     divergence: str = "rkl"
     beta: float = 0.5
     temperature: float = 1.0
-    chunk_rows: int = 4096
+    chunk_rows: int = 512
 
 
 class Aligner:
@@ -169,11 +169,23 @@ class Aligner:
 
 def chunked(n_rows: int, chunk: int, fn: Callable[[slice], torch.Tensor]) -> torch.Tensor:
     """Apply fn to row slices of at most `chunk` rows and concatenate: bounds the (chunk, U)
-    row-logit tensors alive at once."""
+    row-logit tensors alive at once, in the forward pass and in the backward pass.
+
+    With more than one chunk and autograd on, each chunk runs under activation checkpointing:
+    autograd would otherwise keep every chunk's saved (chunk, U) tensors (log-softmaxes, exps)
+    until backward, so memory would grow with the number of rows whatever the chunk size. Each
+    chunk is recomputed in backward instead, one at a time (one extra forward of the loss, which
+    is cheap next to the models). The values and gradients are the same (tests/test_chunked_loss.py).
+    """
     if n_rows == 0:
         return fn(slice(0, 0))
     step = max(int(chunk), 1)
-    return torch.cat([fn(slice(i, min(i + step, n_rows))) for i in range(0, n_rows, step)])
+    slices = [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+    if len(slices) == 1 or not torch.is_grad_enabled():
+        return torch.cat([fn(sl) for sl in slices])
+    from torch.utils.checkpoint import checkpoint
+
+    return torch.cat([checkpoint(fn, sl, use_reentrant=False) for sl in slices])
 
 
 def shared_vocab_logits(
