@@ -45,7 +45,9 @@ def print_summary(summary: dict) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("aligner", "teacher_accuracy", "student_accuracy_before", "student_accuracy_after",
-                "coverage", "final_loss", "steps", "seconds"):  # fmt: skip
+                "coverage", "final_loss", "tool_calls", "tool_success_rate", "steps", "seconds"):  # fmt: skip
+        if key not in summary:
+            continue
         value = summary.get(key)
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     Console().print(table)

@@ -6,6 +6,7 @@ ablation runner adds `ablation.json` ({"knob", "variant", "seed"}). Runs are gro
 Per variant, over its seeds (mean ± sample sd; a single seed shows ± 0):
 
     variant | seeds | student before | student after | gain | coverage | final loss | steps/s
+    [+ tool calls / response | tool success, when the runs called tools]
 
 `coverage` is the run's mean of `train/coverage` over steps, `final loss` the last logged
 `train/loss`, `steps/s` the OPD steps over the seconds spent in `trainer.fit` (validation
@@ -47,6 +48,11 @@ class RunRecord:
                 steps.append(int(row.get("step", len(steps))))
                 values.append(value)
         return steps, values
+
+    def mean_of(self, column: str) -> float | None:
+        """The mean of a logged column over steps (None when it was never logged)."""
+        _, values = self.series(column)
+        return statistics.fmean(values) if values else None
 
     @property
     def steps_per_second(self) -> float | None:
@@ -113,6 +119,8 @@ class VariantSummary:
     coverage: list[float]
     final_loss: list[float]
     steps_per_second: list[float]
+    tool_calls: list[float] = field(default_factory=list)  # per response, mean over steps
+    tool_success: list[float] = field(default_factory=list)  # successful calls / calls
 
     @property
     def gain(self) -> list[float]:
@@ -144,6 +152,8 @@ def summarise(runs: Sequence[RunRecord]) -> list[VariantSummary]:
             coverage=values(group, lambda r: r.summary.get("coverage")),
             final_loss=values(group, lambda r: r.summary.get("final_loss")),
             steps_per_second=values(group, lambda r: r.steps_per_second),
+            tool_calls=values(group, lambda r: r.mean_of("train/tool_calls")),
+            tool_success=values(group, lambda r: r.mean_of("train/tool_success_rate")),
         ))  # fmt: skip
     return out
 
@@ -162,12 +172,20 @@ TABLE_HEADER = ("variant", "seeds", "student before", "student after", "gain", "
                 "final loss", "steps/s")  # fmt: skip
 
 
+TOOL_HEADER = ("tool calls / response", "tool success")
+
+
 def markdown_table(summaries: Sequence[VariantSummary]) -> str:
-    lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
+    """The variant table; runs with tool calls add two columns (training rollouts' means)."""
+    tools = any(s.tool_calls for s in summaries)
+    header = TABLE_HEADER + (TOOL_HEADER if tools else ())
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
         cells = [f"`{s.variant}`", ",".join(map(str, s.seeds)), mean_sd(s.before), mean_sd(s.after),
                  mean_sd(s.gain, signed=True), mean_sd(s.coverage, 4), mean_sd(s.final_loss, 4),
                  mean_sd(s.steps_per_second, 2)]  # fmt: skip
+        if tools:
+            cells += [mean_sd(s.tool_calls, 2), mean_sd(s.tool_success, 3)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -124,6 +124,9 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
         "world_size": int(trainer.world_size),
         **{f"prepare/{k}": v for k, v in prepared.info.items()},
     }
+    if cfg.tools.enabled:  # means over the training steps' rollouts
+        summary["tool_calls"] = _mean(_column(run_dir, "train/tool_calls"))
+        summary["tool_success_rate"] = _mean(_column(run_dir, "train/tool_success_rate"))
     losses_logged = _column(run_dir, "train/loss")
     summary["final_loss"] = losses_logged[-1] if losses_logged else None
     if trainer.is_global_zero:

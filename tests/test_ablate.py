@@ -11,7 +11,7 @@ import pytest
 from lightning_opd.ablate import ABLATION_DIR, ablate, parse_seeds, plan
 from lightning_opd.cli import main
 from lightning_opd.config import ConfigError, load
-from lightning_opd.report import find_runs, mean_curve, mean_sd, summarise
+from lightning_opd.report import find_runs, markdown_table, mean_curve, mean_sd, summarise
 from tests.test_train import ROOT, TINY
 
 EXPERIMENTS = ROOT / "configs" / "experiment"
@@ -127,8 +127,13 @@ def test_summarise_groups_seeds_of_a_variant(tmp_path):
             "experiment": "e", "aligner": "simct", "student_accuracy_before": 0.1, "student_accuracy_after": after,
             "coverage": 0.9, "final_loss": 1.0, "steps": 10, "train_seconds": 5.0, "accuracy_history": [[0, 0.1], [10, after]],
         }))  # fmt: skip
+        (run / "metrics.csv").write_text("step,train/tool_calls,train/tool_success_rate\n0,1.0,0.5\n1,2.0,1.0\n")
     (summary,) = summarise(find_runs([tmp_path]))
     assert summary.seeds == [0, 1]
+    assert summary.tool_calls == [1.5, 1.5] and summary.tool_success == [0.75, 0.75]
+    header, _, row = markdown_table([summary]).splitlines()
+    assert header.endswith("| tool calls / response | tool success |")
+    assert row.endswith("| 1.50 ± 0.00 | 0.750 ± 0.000 |")
     assert mean_sd(summary.after) == "0.400 ± 0.141"
     assert mean_sd(summary.gain, signed=True) == "+0.300 ± 0.141"
     assert summary.steps_per_second == [2.0, 2.0]

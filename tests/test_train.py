@@ -102,6 +102,10 @@ def test_tool_sod_run_logs_tool_and_step_metrics(tmp_path, cache_dir):
     for name in ("train/tool_calls", "train/tool_success_rate", "train/sod/d_mean", "train/sod/w_mean",
                  "train/sod/w_min", "train/sod/steps"):  # fmt: skip
         assert rows[0][name] != "", name
+    # the summary (and the printed table) reports the rollouts' tool use
+    assert summary["tool_calls"] == float(rows[0]["train/tool_calls"])
+    assert summary["tool_success_rate"] == float(rows[0]["train/tool_success_rate"])
+    assert "tool_calls" not in train(tiny_cfg(tmp_path, cache_dir, "run.name=plain", "trainer.max_steps=1"))
     records = [json.loads(line) for line in (run_dir / "sod_steps.rank0.jsonl").read_text().splitlines()]
     assert records and all(len(r["d"]) == len(r["w"]) and r["w"][0] == 1.0 for r in records)
 
