@@ -144,3 +144,14 @@ def test_report_errors_exit_2(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2  # exists, holds no runs
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_ablate_command_takes_overrides_before_and_after_the_options(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("lightning_opd.ablate.ablate", lambda exp, knob, seeds, out, overrides: seen.update(
+        knob=knob, seeds=seeds, overrides=list(overrides)) or {"failed": 0})  # fmt: skip
+    experiment = str(EXPERIMENTS / "default.yaml")
+    assert main(["ablate", experiment, "a.b=1", "--knob", "aligner", "--seeds", "0 1", "c.d=2"]) == 0
+    assert seen == {"knob": "aligner", "seeds": [0, 1], "overrides": ["a.b=1", "c.d=2"]}
+    with pytest.raises(SystemExit):
+        main(["ablate", experiment, "--knob", "aligner", "--bogus"])
