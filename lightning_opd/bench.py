@@ -290,15 +290,20 @@ def covered(per_sequence: list[list[tuple[int, int, int, int]]]) -> int:
 # --- (b) rows + loss: time and peak memory ------------------------------------------------------
 
 
-def _status_bytes(key: str) -> int | None:
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A `key:   N kB` line of a /proc file, in bytes (None where there is none)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _status_bytes(key: str) -> int | None:
+    return _proc_bytes("/proc/self/status", key)
 
 
 class PeakMemory:
@@ -326,14 +331,7 @@ def available_bytes() -> int:
 
 
 def _status_meminfo(key: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_bytes("/proc/meminfo", key)
 
 
 def loss_points(pair, s: BenchSettings) -> list[dict]:
