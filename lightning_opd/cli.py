@@ -57,63 +57,34 @@ def _items_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("items", nargs="*", help="config files and key=value overrides")
 
 
-def cmd_align(args: argparse.Namespace) -> int:
-    from lightning_opd.coverage import run_align
+def _lazy(module: str, attribute: str) -> Callable:
+    """`module.attribute`, imported when called: each subcommand's imports stay in its module."""
 
-    return run_align(args)
+    def call(*args, **kwargs):
+        import importlib
 
+        return getattr(importlib.import_module(module), attribute)(*args, **kwargs)
 
-def _align_arguments(parser: argparse.ArgumentParser) -> None:
-    from lightning_opd.coverage import add_align_arguments
-
-    add_align_arguments(parser)
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from lightning_opd.report import run_report
-
-    return run_report(args)
+    return call
 
 
-def _report_arguments(parser: argparse.ArgumentParser) -> None:
-    from lightning_opd.report import add_report_arguments
-
-    add_report_arguments(parser)
-
-
-def cmd_ablate(args: argparse.Namespace) -> int:
-    from lightning_opd.ablate import run_ablate
-
-    return run_ablate(args)
-
-
-def _ablate_arguments(parser: argparse.ArgumentParser) -> None:
-    from lightning_opd.ablate import add_ablate_arguments
-
-    add_ablate_arguments(parser)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from lightning_opd.bench import run_bench_command
-
-    return run_bench_command(args)
-
-
-def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from lightning_opd.bench import add_bench_arguments
-
-    add_bench_arguments(parser)
+def _in_module(module: str, run: str, add_arguments: str) -> tuple[Callable, Callable]:
+    return _lazy(f"lightning_opd.{module}", run), _lazy(f"lightning_opd.{module}", add_arguments)
 
 
 # name -> (run, add its arguments, help)
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {
     "train": (cmd_train, _items_arguments, "run an experiment: CONFIG.yaml... [key=value...]"),
     "config": (cmd_config, _items_arguments, "print the resolved config: CONFIG.yaml... [key=value...]"),
-    "align": (cmd_align, _align_arguments, "alignment coverage of tokenizer pairs on a JSONL file"),
-    "ablate": (cmd_ablate, _ablate_arguments, "one run per overlay of a knob and seed, then the report"),
-    "report": (cmd_report, _report_arguments, "table.md and curves.png from run directories"),
-    "bench": (cmd_bench, _bench_arguments, "time alignment, rows, loss and one training step (DESIGN §7)"),
-}
+    "align": (*_in_module("coverage", "run_align", "add_align_arguments"),
+              "alignment coverage of tokenizer pairs on a JSONL file"),
+    "ablate": (*_in_module("ablate", "run_ablate", "add_ablate_arguments"),
+               "one run per overlay of a knob and seed, then the report"),
+    "report": (*_in_module("report", "run_report", "add_report_arguments"),
+               "table.md and curves.png from run directories"),
+    "bench": (*_in_module("bench", "run_bench_command", "add_bench_arguments"),
+              "time alignment, rows, loss and one training step (DESIGN §7)"),
+}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
