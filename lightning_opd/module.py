@@ -364,7 +364,6 @@ class OPDModule(L.LightningModule):
         return accuracy
 
     def on_train_start(self) -> None:
-        self.start_step = int(self.global_step)  # > 0 when resumed from a checkpoint
         if not self.accuracy_history:  # a resumed run already measured "before"
             self.run_validation()
 
@@ -392,7 +391,7 @@ class OPDModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.accuracy_history = [tuple(x) for x in checkpoint.get("opd_accuracy_history", [])]
-        self.start_step = int(checkpoint.get("global_step", 0))
+        self.start_step = int(checkpoint.get("global_step", 0))  # the steps this call will not train
         # sampling continues exactly where the saved run was: the RNG is restored right before the
         # first step, because starting the DataLoader iterator draws from the global RNG
         self._pending_rng = checkpoint.get("opd_rng")

@@ -103,13 +103,14 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     if earlier_metrics and trainer.is_global_zero:
         _merge_metrics(run_dir, earlier_metrics)
     history = module.accuracy_history
+    metrics = _read_metrics(run_dir)
     summary = {
         "experiment": cfg.experiment,
         "aligner": cfg.aligner.name,
         "student_accuracy_before": history[0][1] if history else None,
         "student_accuracy_after": history[-1][1] if history else None,
         "teacher_accuracy": teacher_accuracy,
-        "coverage": _mean(_column(run_dir, "train/coverage")),
+        "coverage": _mean(_column(metrics, "train/coverage")),
         "final_loss": None,
         "steps": int(trainer.global_step),
         "seconds": time.time() - start,
@@ -125,9 +126,9 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
         **{f"prepare/{k}": v for k, v in prepared.info.items()},
     }
     if cfg.tools.enabled:  # means over the training steps' rollouts
-        summary["tool_calls"] = _mean(_column(run_dir, "train/tool_calls"))
-        summary["tool_success_rate"] = _mean(_column(run_dir, "train/tool_success_rate"))
-    losses_logged = _column(run_dir, "train/loss")
+        summary["tool_calls"] = _mean(_column(metrics, "train/tool_calls"))
+        summary["tool_success_rate"] = _mean(_column(metrics, "train/tool_success_rate"))
+    losses_logged = _column(metrics, "train/loss")
     summary["final_loss"] = losses_logged[-1] if losses_logged else None
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -186,11 +187,6 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _column(run_dir: Path, column: str) -> list[float]:
-    """One logged metric's values, in step order, from metrics.csv."""
-    import csv
-
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return []
-    return [float(r[column]) for r in csv.DictReader(path.open()) if r.get(column) not in (None, "")]
+def _column(metrics: list[dict], column: str) -> list[float]:
+    """One logged metric's values, in step order, from the rows of metrics.csv."""
+    return [float(r[column]) for r in metrics if r.get(column) not in (None, "")]
