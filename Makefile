@@ -13,7 +13,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test ablate report bench lint clean
+.PHONY: help install sandbox train test ablate report bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,7 +30,12 @@ install: $(STAMP) ## create .venv if missing and install the package with its te
 train: $(STAMP) ## run an experiment: make train EXP=default ARGS="trainer.max_steps=20"
 	$(BIN)/lightning-opd train configs/experiment/$(EXP).yaml $(ARGS)
 
-test: $(STAMP) ## run the test suite
+sandbox: ## install bubblewrap (the tool-call sandbox) if missing and apt-get can, else say how
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -qq bubblewrap || { apt-get update -qq && apt-get install -y -qq bubblewrap; }; }; } || \
+	  echo "note: bubblewrap (bwrap) is missing: tool calls are refused and the sandbox tests skipped; install it with: sudo apt-get install bubblewrap"
+
+test: $(STAMP) sandbox ## run the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ablate: $(STAMP) ## one run per overlay and seed: make ablate EXP=default KNOB=aligner SEEDS="0 1 2"

@@ -108,8 +108,11 @@ class SandboxConfig:
     """Limits of the Python sandbox that runs model-generated tool calls."""
 
     timeout_s: float = 10.0  # wall-clock limit per call
-    memory_mb: int = 1024  # address-space limit
-    require_isolation: bool = False  # true: a missing bubblewrap is an error, not a warning
+    memory_mb: int = 1024  # resident memory of all the call's processes together (and per-process address space)
+    disk_mb: int = 64  # the call's writable space: /tmp, which is also its working directory (RAM-backed)
+    max_processes: int = 64  # processes and threads of one call (each call runs as its own uid)
+    max_output_bytes: int = 65536  # stdout and stderr each; beyond it the middle is dropped, head and tail kept
+    allow_unsandboxed: bool = False  # true: without working bubblewrap, run model code with rlimits only (never as root)
 
 
 @dataclass
@@ -306,6 +309,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.beta must be in [0, 1], got {cfg.loss.beta}")
     if cfg.data.source == "jsonl" and not cfg.data.path:
         raise ConfigError("data.source=jsonl needs data.path")
+    box = cfg.tools.sandbox
+    for key in ("timeout_s", "memory_mb", "disk_mb", "max_processes"):
+        if not getattr(box, key) > 0:
+            raise ConfigError(f"tools.sandbox.{key} must be > 0, got {getattr(box, key)}")
 
 
 def to_yaml(cfg: Config) -> str:

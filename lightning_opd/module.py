@@ -6,7 +6,9 @@
    own sampled ids (grad). Logits are kept only at response positions.
 3. align: the aligner maps student and teacher tokens of the same text to supervision rows.
 4. loss: each row's divergence (full form over the row's support, or sampled form), summed and
-   divided by the number of student response tokens in the batch (or of supervised tokens).
+   divided by the number of the student's own response tokens in the batch, EOS included and
+   tool observations not (or by the number of supervised tokens). Coverage has the same
+   denominator, so with identical tokenizers it is 1 whether or not the responses called tools.
 
 Validation answers the held-out prompts greedily before and after training (and every
 `trainer.val_every_n_steps` steps), scored by the task's answer check.
@@ -34,12 +36,13 @@ from lightning_opd.config import Config
 from lightning_opd.metrics import AnswerAccuracy, Coverage
 from lightning_opd.models import render_prompt
 from lightning_opd.rollout.generate import Rollout, response_logits
-from lightning_opd.rollout.tools import sample_responses
+from lightning_opd.rollout.tools import reward_texts, sample_responses
 from lightning_opd.sft import evaluate_accuracy, warmup_cosine
 from lightning_opd.weighting import (
     StepWeights,
     batched_step_weights,
     delimiter_step_ids,
+    eos_step_id,
     grpo_advantages,
 )
 
@@ -194,7 +197,9 @@ class OPDModule(L.LightningModule):
         )
         t4 = time.perf_counter()
 
-        segments = pack_segments(segmented.segments, s_offsets.numpy(), t_offsets.numpy())
+        segments = pack_segments(
+            segmented.segments, s_offsets.numpy(), t_offsets.numpy(), model_tokens=segmented.model_tokens
+        )
         scored = ScoredBatch(
             ScoredSide(s_logits, s_ids, s_offsets), ScoredSide(t_logits, t_ids, t_offsets), self.pair.vocab
         )
@@ -202,7 +207,7 @@ class OPDModule(L.LightningModule):
         texts = segmented.texts
         sod_stats = self.weight_rows(rows, scored, rollout, texts)
         t5 = time.perf_counter()
-        rewards = [float(self.task.check(t, row_examples[i])) for i, t in enumerate(texts)]
+        rewards = [float(self.task.check(t, row_examples[i])) for i, t in enumerate(reward_texts(rollout, texts, self.student_tokenizer))]
         if self.cfg.rl.outcome_coef > 0:
             per_row = self.mixed_policy_gradient(rows, scored, rewards, rollout.prompt_index)
         else:
@@ -247,7 +252,8 @@ class OPDModule(L.LightningModule):
                                 greedy=greedy, synced_gpus=self.synced_generation)  # fmt: skip
 
     def packed_step_ids(self, rollout: Rollout, texts: list[str], offsets: torch.Tensor) -> torch.Tensor:
-        """(N,) SOD step of every packed student position; EOS joins the last step; -1 = none."""
+        """(N,) SOD step of every packed student position; -1 = none. EOS joins the step of the
+        token before it, or after an observation is a step of its own (`eos_step_id`)."""
         per_row = []
         for b, ids in enumerate(rollout.response_ids):
             if self.cfg.sod.split == "delimiter":
@@ -261,7 +267,8 @@ class OPDModule(L.LightningModule):
             else:
                 steps = [0] * len(ids)
             if rollout.ended_with_eos[b]:
-                steps.append(max(steps, default=0))
+                mask = rollout.loss_mask[b] if rollout.loss_mask is not None else None
+                steps.append(eos_step_id(steps, mask))
             per_row.append(steps)
         flat = torch.tensor([s for row in per_row for s in row], dtype=torch.long)
         assert flat.numel() == int(offsets[-1]), "step ids must cover every response token"

@@ -16,7 +16,7 @@ import torch
 from lightning_opd.config import RolloutConfig, SFTConfig, ToolsConfig
 from lightning_opd.metrics import AnswerAccuracy
 from lightning_opd.models import render_prompt
-from lightning_opd.rollout.tools import sample_responses
+from lightning_opd.rollout.tools import reward_texts, sample_responses
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -113,7 +113,8 @@ def evaluate_accuracy(model, tokenizer, examples, task, *, max_new_tokens: int, 
         prompts = [tokenizer(render_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"] for ex in chunk]
         # the tool task is answered with the interpreter
         out = sample_responses(model, tokenizer, prompts, rollout_cfg, tools, greedy=True, synced_gpus=synced_gpus)
-        texts = tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
+        texts = reward_texts(out, tokenizer.batch_decode(out.response_ids, skip_special_tokens=True), tokenizer,
+                             skip_special_tokens=True)  # observations are not the model's answer
         if i * per_batch < len(examples):
             metric.update(texts, chunk)
     return float(metric.compute())

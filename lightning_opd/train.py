@@ -15,10 +15,11 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
-from lightning_opd.config import Config, save
+from lightning_opd.config import Config, ConfigError, save
 from lightning_opd.data import PromptDataModule
 from lightning_opd.module import OPDModule
 from lightning_opd.prepare import prepare
+from lightning_opd.rollout.sandbox import refusal as sandbox_refusal
 from lightning_opd.sft import evaluate_accuracy
 
 SUMMARY_KEYS = ("student_accuracy_before", "student_accuracy_after", "teacher_accuracy", "coverage",
@@ -76,6 +77,8 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     `callbacks` are extra Lightning callbacks (tests use one to stop a run part-way).
     """
     start = time.time()
+    if cfg.tools.enabled and (refused := sandbox_refusal(cfg.tools.sandbox.allow_unsandboxed)):
+        raise ConfigError(f"tools.enabled=true: {refused}")  # before minutes of preparation
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     run_dir = run_directory(cfg)
     save(cfg, run_dir / "config.yaml")

@@ -21,6 +21,10 @@ checked against this module:
 - steps are the contiguous runs of `response_mask == 1` (assistant tokens; tool responses and
   padding are 0); d_k uses the rollout-time student log-probs (`old_log_probs`) and the
   reference (teacher) log-probs, as Python floats (so detached).
+- the model's own tokens have response_mask 1, EOS included (the tool agent loop gives every
+  generated id 1 and tool-response ids 0), so an EOS sampled right after a tool response is a
+  run of its own: a step of one token, after the last. `eos_step_id` does the same here; an EOS
+  that follows a model token joins that token's step.
 - there is no lower bound on w_k; ε = 1e-6, δ = 0.2 in `examples/SOD/run_sod.sh` (the function's
   own default δ is 0.5).
 - the advantage is A_t = A_GRPO + opd_coef · w_k · (log π_T(y_t) − log π_S(y_t)) · mask_t.
@@ -175,6 +179,21 @@ def batched_sod_weights(
     return batched_step_weights(
         per_token_student_lp, per_token_teacher_lp, step_ids, sequence_ids, delta, eps, reference
     ).token_weights
+
+
+def eos_step_id(step_ids: list[int], loss_mask: list[int] | None = None) -> int:
+    """SOD step of the EOS that ends a response whose tokens have `step_ids` (T,) (-1 = none).
+
+    EOS joins the step of the last token when that token is the model's; right after an
+    observation (loss mask 0, or step id -1 without a mask) it is a step of its own, numbered
+    after the last, as in the released code (module docstring). An EOS alone is step 0.
+    """
+    if not step_ids:
+        return 0
+    after_observation = loss_mask[-1] == 0 if loss_mask else step_ids[-1] < 0
+    if after_observation:
+        return max(step_ids) + 1
+    return max(step_ids[-1], 0)
 
 
 def delimiter_step_ids(

@@ -4,6 +4,7 @@ arith_tool task (lightning_opd.data.tool_task)."""
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 import pytest
 import torch
@@ -15,16 +16,22 @@ from lightning_opd.config import (
     TokenizerConfig,
     ToolsConfig,
 )
+from lightning_opd.data.tasks import Example
 from lightning_opd.data.tool_task import ArithToolTask, observation_spans
-from lightning_opd.models import train_tokenizer
-from lightning_opd.rollout.sandbox import ToolResult, run_python_batch
+from lightning_opd.models import render_prompt, train_tokenizer
+from lightning_opd.rewards import is_correct
+from lightning_opd.rollout import tools as tools_module
+from lightning_opd.rollout.sandbox import ToolResult, isolation_problem, run_python_batch
 from lightning_opd.rollout.tools import (
     ToolCallStop,
     find_tool_call,
+    first_tool_call,
     format_observation,
     generate_with_tools,
     middle_truncate,
+    model_written_text,
     parse_tool_call,
+    reward_texts,
 )
 
 FENCED_CALL = "Let me compute.\n```python\nprint(12*34)\n```"
@@ -49,10 +56,12 @@ class ScriptedModel:
     `stopping_criteria` unless `ignore_stopping` (then the loop's cut must do the work)."""
 
     def __init__(self, tok, scripts: dict[str, list[str]], marker: str, ignore_stopping=False,
-                 extra: str = "") -> None:
+                 extra: str = "\n") -> None:
         self.tok, self.marker, self.ignore, self.training = tok, marker, ignore_stopping, True
         self.scripts = {tuple(self.encode(p)): turns for p, turns in scripts.items()}
-        self.extra = self.encode(extra)  # emitted after each non-final turn (cut off by the loop)
+        # emitted after each non-final turn and cut off by the loop; a real model goes on after
+        # its call too (at least the token that ends the fence's line, which the criterion needs)
+        self.extra = self.encode(extra)
         self._p = torch.nn.Parameter(torch.zeros(1))
         self.calls = 0
 
@@ -97,12 +106,13 @@ class ScriptedModel:
         return seq
 
 
-def run_loop(tok, scripts, fmt="fenced", max_turns=16, timeout_s=5.0, budget=200, **kw):
+def run_loop(tok, scripts, fmt="fenced", max_turns=16, timeout_s=5.0, budget=200,
+             sandbox: SandboxConfig | None = None, max_output_chars: int = 256, **kw):
     marker = "```output" if fmt == "fenced" else "<tool_response>"
     model = ScriptedModel(tok, scripts, marker, **kw)
     prompts = [model.encode(p) for p in scripts]
-    tools = ToolsConfig(enabled=True, format=fmt, max_turns=max_turns,
-                        sandbox=SandboxConfig(timeout_s=timeout_s))
+    tools = ToolsConfig(enabled=True, format=fmt, max_turns=max_turns, max_output_chars=max_output_chars,
+                        sandbox=sandbox or SandboxConfig(timeout_s=timeout_s))
     out = generate_with_tools(model, tok, prompts, RolloutConfig(max_new_tokens=budget), tools,
                               eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     return out, model
@@ -142,6 +152,45 @@ def test_hermes_call_parsed_and_malformed_reported() -> None:
     assert find_tool_call(as_string, "hermes") == "print(3)"
     with pytest.raises(ValueError, match="format"):
         find_tool_call("x", "xml")
+
+
+def test_fence_closes_only_where_it_starts_a_line() -> None:
+    code = 'print("```")\nprint(2)\n'  # a fence inside a string does not start a line
+    assert find_tool_call(f"```python\n{code}```", "fenced") == code
+    assert find_tool_call(f"```python\n{code}```  \n", "fenced") == code  # trailing spaces
+    assert find_tool_call("```python\n```", "fenced") == ""  # an empty call still closes
+    # The documented limit: a code line starting with ``` (inside a multi-line string) ends it.
+    starts_a_line = 's = """\n```python\n"""\nprint(s)\n'
+    assert find_tool_call(f"```python\n{starts_a_line}```", "fenced") is None  # not at the end
+    assert first_tool_call(f"```python\n{starts_a_line}```", "fenced").code == 's = """\n'
+    # A closing fence completes the call at once, while the text still grows: a model never
+    # trained on what follows it (the observation is masked out of SFT labels) must not decide.
+    assert first_tool_call("```python\nprint(1)\n```", "fenced", streaming=True).code == "print(1)\n"
+    assert first_tool_call('```python\nprint("```', "fenced", streaming=True) is None
+
+
+@pytest.mark.parametrize("tag", ["python", "python3", "Python", "py", "py3", "PY3"])
+def test_fenced_python_tags(tag: str) -> None:
+    assert find_tool_call(f"```{tag}\nprint(1)\n```", "fenced") == "print(1)\n"
+
+
+@pytest.mark.parametrize("tag", ["pythonic", "output", "bash", ""])
+def test_other_fences_are_not_calls(tag: str) -> None:
+    assert find_tool_call(f"```{tag}\nprint(1)\n```", "fenced") is None
+
+
+def test_hermes_close_tag_inside_a_code_string() -> None:
+    code = 'print("</tool_call>")'
+    call = hermes(code)
+    assert find_tool_call(call, "hermes") == code
+    through_first_tag = call[: call.index("</tool_call>") + len("</tool_call>")]
+    assert first_tool_call(through_first_tag, "hermes", streaming=True) is None  # keep generating
+    escaped = 'print("\\"</tool_call>")'  # an escaped quote does not end the JSON string
+    assert find_tool_call(hermes(escaped), "hermes") == escaped
+    # an unterminated string: incomplete while the text grows; once final, a malformed call
+    open_string = '<tool_call>{"name": "code_interpreter", "arguments": {"code": "x}}</tool_call>'
+    assert first_tool_call(open_string, "hermes", streaming=True) is None
+    assert "not valid JSON" in first_tool_call(open_string, "hermes").error
 
 
 # ----------------------------------------------------------------------------- observations
@@ -236,14 +285,96 @@ def test_budget_counts_observation_tokens(tok) -> None:
     assert out.loss_mask[0][n_call:] == [0, 0, 0]  # the observation, cut to fit
 
 
+def test_fence_in_a_code_string_runs_the_whole_call(tok) -> None:
+    call = '```python\nprint("```")\nprint(6*7)\n```'
+    out, _ = run_loop(tok, {"Q": [call, FINAL]}, extra="\n```output\n999\n```")
+    obs = masked_text(tok, out.response_ids[0], out.loss_mask[0], 0)
+    assert obs == "\n```output\n```\n42\n```\n" and out.tool_successes == [1]
+    assert masked_text(tok, out.response_ids[0], out.loss_mask[0], 1) == call + FINAL
+
+
+def test_hermes_close_tag_in_a_code_string_runs_the_whole_call(tok) -> None:
+    out, _ = run_loop(tok, {"Q": [hermes('print("</tool_call>")'), FINAL]}, fmt="hermes")
+    obs = masked_text(tok, out.response_ids[0], out.loss_mask[0], 0)
+    assert obs == "\n<tool_response>\n</tool_call>\n</tool_response>\n"
+    assert out.tool_calls == [1] and out.tool_successes == [1]
+
+
+def test_every_sandbox_limit_reaches_the_sandbox(tok, monkeypatch) -> None:
+    seen: list[dict] = []
+
+    def fake_batch(codes, **kwargs):
+        seen.append(kwargs)
+        return [ToolResult("408\n", "", ok=True, timed_out=False) for _ in codes]
+
+    monkeypatch.setattr(tools_module, "run_python_batch", fake_batch)
+    sandbox = SandboxConfig(timeout_s=3.5, memory_mb=99, disk_mb=7, max_processes=9,
+                            max_output_bytes=1234, allow_unsandboxed=True)
+    run_loop(tok, {"Q": [FENCED_CALL, FINAL]}, sandbox=sandbox)
+    expected = {"timeout_s": 3.5, "memory_mb": 99, "disk_mb": 7, "max_processes": 9,
+                "max_output_bytes": 1234, "allow_unsandboxed": True}
+    assert seen and all(kwargs == expected for kwargs in seen)  # once per turn
+    assert set(seen[0]) == {f.name for f in fields(SandboxConfig)}  # a new limit must be passed too
+
+
+@pytest.mark.skipif(isolation_problem() is not None, reason="needs a working sandbox (bubblewrap)")
+def test_output_over_the_cap_keeps_its_last_line(tok) -> None:
+    code = 'print("x" * 70000)\nprint("ANSWER", 6*7)'  # over the 64 KiB default cap
+    call = f"```python\n{code}\n```"
+    out, _ = run_loop(tok, {"Q": [call, FINAL]}, budget=2000)
+    obs = masked_text(tok, out.response_ids[0], out.loss_mask[0], 0)
+    assert obs.endswith("\nANSWER 42\n```\n") and "truncated" in obs
+    # a configured cap is the one applied: 2 KiB, so the whole observation stays near 2 KiB
+    out, _ = run_loop(tok, {"Q": [call, FINAL]}, sandbox=SandboxConfig(max_output_bytes=2048),
+                      max_output_chars=10**6, budget=20000)
+    obs = masked_text(tok, out.response_ids[0], out.loss_mask[0], 0)
+    assert obs.endswith("\nANSWER 42\n```\n") and 2048 <= len(obs) < 2048 + 200
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+def test_reward_reads_only_model_written_text(tok) -> None:
+    prints_it = '```python\nprint(f"#### {6*7}")\n```'  # the interpreter states the answer
+    scripts = {"Q0": [prints_it, "Done."], "Q1": ["```python\nprint(6*7)\n```", "#### 42"]}
+    out, _ = run_loop(tok, scripts)
+    decoded = [tok.decode(ids) for ids in out.response_ids]
+    assert is_correct(decoded[0], "42")  # what the reward read before: the observation's "#### 42"
+    scored = reward_texts(out, decoded, tok)
+    assert scored == [prints_it + "\nDone.", "```python\nprint(6*7)\n```\n#### 42"]
+    assert [is_correct(t, "42") for t in scored] == [False, True]
+
+
+def test_model_written_text_drops_a_cut_observation(tok) -> None:
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    model, obs = enc("x = 1"), enc("\n```output\n#### 42")  # an observation cut by the budget
+    assert model_written_text(tok, model + obs, [1] * len(model) + [0] * len(obs)) == "x = 1"
+    assert model_written_text(tok, model + obs, None) == "x = 1\n```output\n#### 42"
+
+
+def test_validation_accuracy_reads_only_model_written_text(tok) -> None:
+    from lightning_opd.sft import evaluate_accuracy
+
+    prints_it = '```python\nprint(f"#### {6*7}")\n```'
+    examples = [Example("Q0", "42"), Example("Q1", "42")]
+    scripts = {render_prompt(tok, "Q0"): [prints_it, "Done."],
+               render_prompt(tok, "Q1"): [prints_it, "#### 42"]}
+    model = ScriptedModel(tok, scripts, "```output")
+    accuracy = evaluate_accuracy(model, tok, examples, None, max_new_tokens=200,
+                                 tools=ToolsConfig(enabled=True))
+    assert accuracy == 0.5
+
+
 def test_stop_criterion_is_per_row(tok) -> None:
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    rows = [enc("ab") + enc(FENCED_CALL), enc("ab") + enc("```python\nprint(1)")]
+    rows = [enc("ab") + enc(FENCED_CALL + "\n"), enc("ab") + enc("```python\nprint(1)")]
     width = max(len(r) for r in rows)
     ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
     stop = ToolCallStop(tok, "fenced", prompt_width=len(enc("ab")), budgets=[100, 100])
     assert stop(ids[:1], None).tolist() == [True]
     assert stop(ids[1:, : len(rows[1])], None).tolist() == [False]
+    # the closing fence alone completes the call: no waiting for what the model writes next
+    assert stop(ids[:1, :-len(enc("\n"))], None).tolist() == [True]
     assert ToolCallStop(tok, "fenced", 2, [1])(ids[1:, :3], None).tolist() == [True]  # budget
 
 

@@ -58,7 +58,9 @@ class Segments:
     s_hi: torch.Tensor
     t_lo: torch.Tensor
     t_hi: torch.Tensor
-    n_student_tokens: int  # all student response tokens in the batch
+    # the model's own response tokens in the batch, EOS included, tool observations (loss mask 0)
+    # not: the default loss normaliser and the coverage denominator
+    n_student_tokens: int
     n_invalid_tokens: int = 0  # student tokens touching invalid UTF-8
     n_unaligned_sequences: int = 0  # sequences whose texts disagreed (normalising tokenizers)
 
@@ -270,12 +272,20 @@ def build_aligner(name: str, **options) -> Aligner:
 
 
 def pack_segments(per_sequence: list[SequenceSegments | None], s_offsets: np.ndarray,
-                  t_offsets: np.ndarray) -> Segments:  # fmt: skip
-    """Stack per-sequence segments (None = unaligned sequence) into packed positions."""
+                  t_offsets: np.ndarray, model_tokens: list[int] | None = None) -> Segments:  # fmt: skip
+    """Stack per-sequence segments (None = unaligned sequence) into packed positions.
+
+    s_offsets, t_offsets: (B+1,) packed offsets of each side's responses. model_tokens: (B,) the
+    model's own tokens of each response (`SegmentedResponses.model_tokens`); without it, an
+    aligned sequence counts its `n_model` and an unaligned one all its positions.
+    """
     parts: list[np.ndarray] = []
     n_student = n_invalid = n_unaligned = 0
     for b, ss in enumerate(per_sequence):
-        n_student += int(s_offsets[b + 1] - s_offsets[b])
+        if model_tokens is not None:
+            n_student += int(model_tokens[b])
+        else:
+            n_student += ss.n_model if ss is not None else int(s_offsets[b + 1] - s_offsets[b])
         if ss is None:
             n_unaligned += 1
             continue

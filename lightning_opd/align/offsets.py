@@ -11,6 +11,15 @@ A 1:1 match is a student token and a teacher token with the same (non-empty) byt
 closes at each match: the tokens of both sides since the previous match, up to and including it.
 Both sides of a segment cover the same bytes. EOS on both sides is a final match.
 
+Tool observations: a segment also closes at every *edge* given to `segment` (the byte offsets
+where an observation starts or ends) at which a token of each side ends. The caller makes that
+true on both sides: the student's observation tokens were tokenized apart from the model's, and
+the teacher tokenizes the text piece by piece (pairing.py). So no segment mixes model tokens with
+observation tokens: the observation's segments are dropped and the model tokens next to it keep
+their supervision. An edge at which one side has no token ending (in practice only where the
+student's tokens split a character across the edge) forces nothing; the segment then runs on
+past it, holds an observation token, and is dropped.
+
 `boundary="offset"` (an ablation, ALM/GOLD-style chunks) closes a segment instead at every
 *common byte boundary*: an offset where a non-empty student token and a non-empty teacher token
 both end. A 1:1 match ends at such an offset, so these segments refine the match segments.
@@ -91,6 +100,12 @@ class SequenceSegments:
     valid: np.ndarray  # (G,) bool
     n_student: int  # student response tokens, EOS included
     n_invalid: int  # student tokens touching invalid bytes
+    n_excluded: int = 0  # of the n_student, tokens that are not the model's (tool observations)
+
+    @property
+    def n_model(self) -> int:
+        """The model's own tokens, EOS included: what the loss normaliser and coverage count."""
+        return self.n_student - self.n_excluded
 
 
 def segment(
@@ -102,17 +117,21 @@ def segment(
     eos: bool = False,
     boundary: str = "match",
     s_excluded: np.ndarray | None = None,
+    edges: np.ndarray | None = None,
 ) -> SequenceSegments:
     """Close a segment at every 1:1 match of student and teacher byte spans (`boundary="match"`)
-    or at every common byte boundary (`boundary="offset"`).
+    or at every common byte boundary (`boundary="offset"`), and at every edge in `edges`.
 
     s_lengths: (n_s,) byte length of each student token (EOS excluded).
     t_lengths: (n_t,) byte length of each teacher token (EOS excluded).
     s_bad_bytes / s_offset_map: from `repair_utf8` of the student's bytes (None = valid UTF-8).
     eos: both sides end with EOS after these tokens (a final 1:1 match).
-    s_excluded: (n_s,) bool, student tokens that are not the model's (tool observations): they
-        take part in matching, so segments still close at their edges, but a segment holding
-        one is dropped (marked invalid) — observations are never supervised.
+    s_excluded: (n_s,) bool, student tokens that are not the model's (tool observations): a
+        segment holding one is dropped (marked invalid) — observations are never supervised —
+        and they are counted in `n_excluded`.
+    edges: (E,) byte offsets in the shared text (the repaired one, where the student's bytes
+        were repaired) where a segment must close: the observations' edges. An edge closes a
+        segment only where a non-empty token of each side ends exactly there.
     """
     if boundary not in BOUNDARIES:
         raise ValueError(f"boundary={boundary!r}; expected one of {BOUNDARIES}")
@@ -128,6 +147,9 @@ def segment(
         s_match, t_match = _common_boundaries(s_start, s_end, t_start, t_end)
     else:
         s_match, t_match = _matches(s_start, s_end, t_start, t_end, s_invalid)
+    if edges is not None and len(edges):
+        s_match, t_match = _with_edges(s_match, t_match, np.asarray(edges, np.int64),
+                                       s_start, s_end, t_start, t_end)  # fmt: skip
     s_bounds = np.concatenate([[0], s_match + 1])
     t_bounds = np.concatenate([[0], t_match + 1])
     if eos:
@@ -142,6 +164,7 @@ def segment(
         valid=valid,
         n_student=len(s_lengths) + int(eos),
         n_invalid=int(s_invalid.sum()),
+        n_excluded=0 if s_excluded is None else int(np.count_nonzero(s_excluded)),
     )
 
 
@@ -160,6 +183,35 @@ def _matches(s_start: np.ndarray, s_end: np.ndarray, t_start: np.ndarray, t_end:
     _, s_at, t_at = np.intersect1d(s_keys, t_keys, assume_unique=True, return_indices=True)
     order = np.argsort(s_at)
     return s_ok[s_at[order]], t_ok[t_at[order]]
+
+
+def _last_token_ending_at(offsets: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """(E,) index of the non-empty token ending exactly at each offset, -1 where none does.
+    Non-empty spans of one tokenization are disjoint, so at most one non-empty token ends there."""
+    out = np.full(len(offsets), -1, np.int64)
+    nonempty = np.flatnonzero(end > start)
+    if len(nonempty) == 0:
+        return out
+    ends = end[nonempty]  # strictly increasing
+    at = np.minimum(np.searchsorted(ends, offsets), len(ends) - 1)
+    hit = ends[at] == offsets
+    out[hit] = nonempty[at[hit]]
+    return out
+
+
+def _with_edges(s_close: np.ndarray, t_close: np.ndarray, edges: np.ndarray, s_start: np.ndarray,
+                s_end: np.ndarray, t_start: np.ndarray, t_end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The closing tokens (student, teacher) `s_close`/`t_close`, plus those of every edge at
+    which a non-empty token of each side ends, in order and without repeats. Every closure is a
+    common byte boundary, so ordering them by offset orders both sides."""
+    s_at = _last_token_ending_at(edges, s_start, s_end)
+    t_at = _last_token_ending_at(edges, t_start, t_end)
+    both = (s_at >= 0) & (t_at >= 0)
+    offsets = np.concatenate([s_end[s_close], edges[both]])
+    s_all = np.concatenate([s_close, s_at[both]])
+    t_all = np.concatenate([t_close, t_at[both]])
+    _, first = np.unique(offsets, return_index=True)  # sorted by offset, one closure per offset
+    return s_all[first], t_all[first]
 
 
 def _common_boundaries(s_start: np.ndarray, s_end: np.ndarray, t_start: np.ndarray,

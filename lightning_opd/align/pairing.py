@@ -8,6 +8,22 @@ teacher tokenize that text, and closes segments at 1:1 byte-span matches (or, wi
 
 Identical tokenizers take a fast path: the teacher scores exactly the student's ids, and every
 token is its own segment (so `exact` is plain OPD).
+
+Tool observations (loss mask 0) cut a response into *pieces*: maximal runs of model tokens and
+of observation tokens. The student's pieces are its own tokens as the loss mask marks them (its
+ids are never re-tokenized; the rollout tokenized each observation apart, so its tokens start and
+end at the observation's edges). The teacher tokenizes each piece apart and concatenates the ids,
+so it too has a token boundary at every edge, and `segment` closes a segment there: segments
+never mix model and observation tokens, and the model tokens right before and after an
+observation (a call's closing `</tool_call>` or fence, the first token of the answer) stay
+supervised. Should the student's tokens split a character across an edge (the observation's
+tokens then end or start inside it), the edge moves back to that character's start in the text
+(pieces must be whole characters to be tokenized). The student's own boundary between model and
+observation tokens is not there, so the segment holding the split character also holds an
+observation token and is left unsupervised, with everything up to the next closure; nothing
+after it shifts (tests/test_observations.py has such a case).
+If the teacher's pieces do not spell the text (a tokenizer that adds a prefix per call), it
+tokenizes the whole text instead and segments close at 1:1 matches only.
 """
 
 from __future__ import annotations
@@ -51,19 +67,76 @@ class SegmentedResponses:
     texts: list[str]  # the response texts (EOS excluded)
     teacher_ids: list[list[int]]  # teacher response tokens, EOS appended where the student ended
     segments: list[SequenceSegments | None]  # None: the two tokenizations disagree on the text
+    model_tokens: list[int]  # per response, the model's own tokens (EOS included, observations not)
 
 
 def _one_token_per_segment(n: int, eos: bool, excluded: np.ndarray | None) -> SequenceSegments:
     bounds = np.arange(n + int(eos) + 1, dtype=np.int64)
     valid = np.ones(len(bounds) - 1, bool)
+    n_excluded = 0
     if excluded is not None:
         valid[:n] = ~excluded
-    return SequenceSegments(bounds, bounds.copy(), valid, len(bounds) - 1, 0)
+        n_excluded = int(np.count_nonzero(excluded))
+    return SequenceSegments(bounds, bounds.copy(), valid, len(bounds) - 1, 0, n_excluded)
 
 
 def tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
     """Each text's ids, no special tokens, in one batched call ([] for no texts)."""
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def piece_bounds(excluded: np.ndarray | None, n: int) -> np.ndarray:
+    """(P+1,) token indices cutting n tokens into pieces, the maximal runs of model tokens and of
+    observation tokens (`excluded`, (n,) bool); [0, n] without observations."""
+    if excluded is None:
+        return np.array([0, n], np.int64)
+    change = np.flatnonzero(np.diff(excluded.astype(np.int8))) + 1
+    return np.concatenate([[0], change, [n]]).astype(np.int64)
+
+
+def char_start(data: bytes, offset: int) -> int:
+    """`offset` moved back to the start of the UTF-8 character it falls inside (unchanged at a
+    character boundary): the first byte that is not a continuation byte 0b10xxxxxx."""
+    while 0 < offset < len(data) and data[offset] & 0xC0 == 0x80:
+        offset -= 1
+    return offset
+
+
+def piece_edges(s_lengths: np.ndarray, bounds: np.ndarray, offset_map: np.ndarray,
+                data: bytes) -> np.ndarray:  # fmt: skip
+    """(P+1,) byte offsets in the text `data` of the piece bounds (token indices): where the
+    student's tokens there end, through the repair map, moved back to a character start."""
+    ends = np.concatenate([[0], np.cumsum(s_lengths, dtype=np.int64)])
+    return np.array([char_start(data, int(offset_map[ends[i]])) for i in bounds], np.int64)
+
+
+def piece_texts(data: bytes, edges: np.ndarray) -> list[str]:
+    """The non-empty pieces of the text between consecutive edges (character starts)."""
+    bounds = zip(edges[:-1], edges[1:], strict=True)
+    return [data[lo:hi].decode("utf-8") for lo, hi in bounds if hi > lo]
+
+
+def teacher_tokens(pair: TokenizerPair, pieces: dict[int, list[str]],
+                   texts: list[str]) -> tuple[dict[int, list[int]], set[int]]:  # fmt: skip
+    """The teacher's ids of each response b in `pieces`: its pieces tokenized apart, concatenated.
+    All pieces of all responses go in one batched call: the Rust tokenizer spreads a batch over
+    its threads, and this call is most of the cost of alignment. Where the pieces' ids do not
+    spell the text, the whole text tokenized at once; those responses are the second value."""
+    flat = tokenize(pair.teacher, [piece for parts in pieces.values() for piece in parts])
+    ids_of: dict[int, list[int]] = {}
+    at = 0
+    for b, parts in pieces.items():
+        ids_of[b] = [i for ids in flat[at : at + len(parts)] for i in ids]
+        at += len(parts)
+    whole = [b for b, parts in pieces.items() if len(parts) > 1
+             and pair.teacher_bytes.join(ids_of[b]) != texts[b].encode("utf-8")]  # fmt: skip
+    ids_of.update(zip(whole, tokenize(pair.teacher, [texts[b] for b in whole]), strict=True))
+    return ids_of, set(whole)
+
+
+def _lengths(table: np.ndarray, ids: list[int]) -> np.ndarray:
+    """(n,) byte length of each token."""
+    return table[np.asarray(ids, np.int64)] if len(ids) else np.zeros(0, np.int64)
 
 
 def segment_responses(
@@ -76,43 +149,52 @@ def segment_responses(
     """student_ids: each response's sampled ids, EOS excluded; ended_with_eos: whether EOS followed.
     boundary: "match" (segments close at 1:1 matches) | "offset" (at common byte boundaries).
     loss_mask: per response, 1 for the model's tokens and 0 for tool observations (None = all 1);
-        segments holding an observation token are left unsupervised.
+        segments also close at observation edges, and those holding an observation token are
+        left unsupervised (see the module docstring).
 
     The teacher's ids get the teacher's EOS appended where the student ended with its EOS.
     """
     teacher_eos = pair.teacher.eos_token_id
     masks = loss_mask if loss_mask is not None else [None] * len(student_ids)
+    # (n,) bool per response, True at observation tokens; None where there are none
+    excluded = [None if m is None or all(m) else np.asarray(m, np.int64) == 0 for m in masks]
     decoded = [repair_utf8(pair.student_bytes.join(ids)) for ids in student_ids]  # (text, map, bad)
     texts = [text for text, _, _ in decoded]
-    # the teacher tokenizes every text that needs it in one batched call: the Rust tokenizer
-    # spreads a batch over its threads, and this call is most of the cost of alignment
+    s_lengths = [_lengths(pair.student_bytes.lengths, ids) for ids in student_ids]
     needs_teacher = [b for b, (_, _, bad) in enumerate(decoded) if not pair.identical or bad.any()]
-    teacher_of = dict(zip(needs_teacher, tokenize(pair.teacher, [texts[b] for b in needs_teacher]), strict=True))
+    edges, pieces = {}, {}  # per response needing the teacher: piece edges (P+1,), piece texts
+    for b in needs_teacher:
+        data = texts[b].encode("utf-8")
+        bounds = piece_bounds(excluded[b], len(student_ids[b]))
+        edges[b] = piece_edges(s_lengths[b], bounds, decoded[b][1], data)
+        pieces[b] = piece_texts(data, edges[b])
+    teacher_of, whole = teacher_tokens(pair, pieces, texts)
     teacher_ids, segments = [], []
-    for b, (ids, eos, mask) in enumerate(zip(student_ids, ended_with_eos, masks, strict=True)):
-        excluded = None if mask is None or all(mask) else np.asarray(mask, np.int64) == 0
+    for b, (ids, eos) in enumerate(zip(student_ids, ended_with_eos, strict=True)):
         text, offset_map, bad = decoded[b]
         if b not in teacher_of:  # identical tokenizers, valid UTF-8: the teacher scores the same ids
             teacher_ids.append(list(ids) + ([teacher_eos] if eos else []))
-            segments.append(_one_token_per_segment(len(ids), eos, excluded))
+            segments.append(_one_token_per_segment(len(ids), eos, excluded[b]))
             continue
         t_ids = teacher_of[b]
         teacher_ids.append(list(t_ids) + ([teacher_eos] if eos else []))
         if pair.teacher_bytes.join(t_ids) != text.encode("utf-8"):
             segments.append(None)  # the teacher normalised the text: nothing to align safely
             continue
-        s_lengths = pair.student_bytes.lengths[np.asarray(ids, np.int64)] if len(ids) else np.zeros(0, np.int64)
-        t_lengths = pair.teacher_bytes.lengths[np.asarray(t_ids, np.int64)] if t_ids else np.zeros(0, np.int64)
+        t_lengths = _lengths(pair.teacher_bytes.lengths, t_ids)
         repaired = bad.any()
         segments.append(
             segment(
-                s_lengths,
+                s_lengths[b],
                 t_lengths,
                 s_bad_bytes=bad if repaired else None,
                 s_offset_map=offset_map if repaired else None,
                 eos=eos,
                 boundary=boundary,
-                s_excluded=excluded,
+                s_excluded=excluded[b],
+                edges=None if b in whole else edges[b][1:-1],
             )
         )
-    return SegmentedResponses(texts, teacher_ids, segments)
+    model_tokens = [len(ids) - (0 if x is None else int(np.count_nonzero(x))) + int(e)
+                    for ids, x, e in zip(student_ids, excluded, ended_with_eos, strict=True)]  # fmt: skip
+    return SegmentedResponses(texts, teacher_ids, segments, model_tokens)

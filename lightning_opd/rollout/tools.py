@@ -7,11 +7,24 @@ Qwen-style templates):
     print(12*34)                   {"name": "code_interpreter", "arguments": {"code": "print(12*34)"}}
     ```                            </tool_call>
 
-The closing marker completes the call. Its code runs in the sandbox (`sandbox.run_python_batch`,
-untrusted code, never raising) and the output, middle-truncated to `max_output_chars`, comes
-back wrapped as an observation: "\\n```output\\n{obs}\\n```\\n" or
+The closing marker completes the call:
+
+- fenced: opened by ```python, ```py, ```python3 or ```py3 (any case), closed by the first ```
+  that starts a line, so a ``` inside the code (print("```")) closes nothing. The closing fence
+  completes the call at once, whatever follows it: models trained on traces whose observation
+  is masked out of the labels have never learned what comes after it (measured: waiting for
+  the line's end let such a model write ```python there and lose every call). A code line
+  that itself starts with ``` (inside a multi-line string) would end the call early.
+- Hermes: closed by the first </tool_call> outside a JSON string literal, so a code string may
+  hold the tag; if the finished turn has none, its first </tool_call> closes a malformed call.
+
+Its code runs in the sandbox (`sandbox.run_python_batch`, untrusted code, never raising, with
+every limit of `tools.sandbox`; the sandbox keeps the head and tail of an output over
+`max_output_bytes`, as the result is usually printed last) and the output, middle-truncated to
+`max_output_chars`, comes back wrapped as an observation: "\\n```output\\n{obs}\\n```\\n" or
 "\\n<tool_response>\\n{obs}\\n</tool_response>\\n". A malformed Hermes call (bad JSON, unknown tool,
-no code) gets an observation saying what is wrong instead of a run.
+no code) gets an observation saying what is wrong instead of a run. Rewards read only the text
+the model wrote (`reward_texts`): an answer printed by the interpreter earns nothing.
 
 `generate_with_tools` runs the turns batch-parallel: every active row generates (HF generate via
 `generate.generate`, with a stopping criterion that ends a row at its first complete call or at
@@ -24,29 +37,36 @@ with loss_mask 1 on model tokens, 0 on observations, and step ids 0, 1, ..., K o
 turns (-1 on observations): the SOD steps of `weighting.py`. The budget `max_new_tokens` counts
 all response tokens (model + observation + EOS). A row stops at EOS, when its budget is spent
 (an observation is cut to fit), or at a call beyond `max_turns` (kept, not run).
+
+Each turn re-feeds the whole prompt + response to `generate`: the KV cache is not carried across
+turns. Measured on tiny models (docs/performance.md), that re-prefill costs 11-27% of a
+multi-turn rollout on CPU. Carrying the cache over means realigning each row's keys and values
+under the new left padding. That change, with a greedy equality test, is not done yet.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from lightning_opd.config import RolloutConfig, ToolsConfig
+from lightning_opd.config import RolloutConfig, SandboxConfig, ToolsConfig
 from lightning_opd.rollout.generate import Rollout, generate
 from lightning_opd.rollout.sandbox import ToolResult, run_python_batch
 
 FORMATS = ("fenced", "hermes")
 TOOL_NAME = "code_interpreter"
-_CALL = {  # a complete call; group 1 is the body
-    "fenced": re.compile(r"```(?:python|py)[ \t]*\n(.*?)```", re.DOTALL),
-    "hermes": re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL),
-}
-_CLOSE = {"fenced": "```", "hermes": "</tool_call>"}
+# A fenced call opens with ```python / ```py / ```python3 / ```py3 (any case) and closes at the
+# first ``` that starts a line: a ``` inside the code, as in print("```"), closes nothing.
+# Group 1 is the body.
+_FENCED = re.compile(r"```(?:python3?|py3?)[ \t]*\n(.*?)^```", re.DOTALL | re.MULTILINE | re.I)
+_HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
+_CLOSE = {"fenced": "```", "hermes": _HERMES_CLOSE}
 _WRAP = {
     "fenced": ("\n```output\n", "\n```\n"),
     "hermes": ("\n<tool_response>\n", "\n</tool_response>\n"),
@@ -92,21 +112,65 @@ def _decode_body(body: str, fmt: str, end: int) -> ToolCall:
     return ToolCall(args["code"], None, end)
 
 
-def first_tool_call(text: str, fmt: str) -> ToolCall | None:
-    """The first complete call anywhere in `text` (where generation should have stopped)."""
+def _hermes_close(text: str, start: int, streaming: bool) -> int | None:
+    """Where the Hermes call whose body starts at `start` closes: the first </tool_call> that is
+    not inside a JSON string literal (so a code string may hold the tag). When the text is
+    final and every </tool_call> lies inside an unterminated string, the first one closes a
+    malformed call (the model gets an error instead of silence); while the text may still
+    grow, such a call is not complete yet."""
+    in_string = escaped = False
+    for pos in range(start, len(text)):
+        char = text[pos]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif text.startswith(_HERMES_CLOSE, pos):
+            return pos
+    if streaming:
+        return None
+    first = text.find(_HERMES_CLOSE, start)
+    return None if first < 0 else first
+
+
+def _hermes_calls(text: str, streaming: bool) -> Iterator[tuple[str, int]]:
+    pos = 0
+    while (opening := text.find(_HERMES_OPEN, pos)) >= 0:
+        body = opening + len(_HERMES_OPEN)
+        close = _hermes_close(text, body, streaming)
+        if close is None:
+            return
+        pos = close + len(_HERMES_CLOSE)
+        yield text[body:close], pos
+
+
+def _calls(text: str, fmt: str, streaming: bool) -> Iterator[ToolCall]:
+    """The complete calls in `text`, left to right, as generation would stop at them.
+    streaming: the text may still grow (a stopping criterion's view), so a Hermes call whose
+    every </tool_call> lies inside a string is not complete yet."""
     _check_format(fmt)
-    match = _CALL[fmt].search(text)
-    return None if match is None else _decode_body(match.group(1), fmt, match.end())
+    if fmt == "fenced":
+        spans = ((m.group(1), m.end()) for m in _FENCED.finditer(text))
+    else:
+        spans = _hermes_calls(text, streaming)
+    for body, end in spans:
+        yield _decode_body(body, fmt, end)
+
+
+def first_tool_call(text: str, fmt: str, *, streaming: bool = False) -> ToolCall | None:
+    """The first complete call anywhere in `text` (where generation should have stopped)."""
+    return next(_calls(text, fmt, streaming), None)
 
 
 def parse_tool_call(text: str, fmt: str) -> ToolCall | None:
     """The complete call that ends `text` (trailing whitespace allowed), else None."""
-    _check_format(fmt)
     end = len(text.rstrip())
-    for match in _CALL[fmt].finditer(text):  # left to right, as generation would stop
-        if match.end() == end:
-            return _decode_body(match.group(1), fmt, match.end())
-    return None
+    return next((call for call in _calls(text, fmt, False) if call.end == end), None)
 
 
 def find_tool_call(text: str, fmt: str) -> str | None:
@@ -158,6 +222,45 @@ def observation_spans(text: str, fmt: str = "fenced") -> list[tuple[int, int]]:
     return [m.span() for m in re.finditer(f"{opening}.*?{closing}", text, re.DOTALL)]
 
 
+def model_written_text(tokenizer, response_ids: list[int], loss_mask: list[int] | None, *,
+                       skip_special_tokens: bool = False) -> str:
+    """The text the model itself wrote: the response with its observations removed.
+
+    response_ids, loss_mask: one row of a Rollout (T,) each; mask 0 marks observation tokens
+    (None: no observations). Each run of model tokens is decoded on its own and the runs are
+    joined by a newline, as an observation starts and ends a line. Read from the mask, not
+    from `observation_spans`: an observation cut by the budget, or one whose output contains
+    its own closing fence, would fool a text search.
+    """
+    if loss_mask is None or all(loss_mask):
+        return tokenizer.decode(response_ids, skip_special_tokens=skip_special_tokens,
+                                clean_up_tokenization_spaces=False)
+    runs, current = [], []
+    for token, keep in zip(response_ids, loss_mask, strict=True):
+        if keep:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return "\n".join(tokenizer.decode(run, skip_special_tokens=skip_special_tokens,
+                                      clean_up_tokenization_spaces=False) for run in runs)
+
+
+def reward_texts(rollout: Rollout, texts: list[str], tokenizer, *,
+                 skip_special_tokens: bool = False) -> list[str]:
+    """The texts to score: `texts[b]` (the response as decoded by the caller) for a row without
+    observations, else its model-written text, so that an answer printed by the interpreter
+    (code running print("#### 42")) earns nothing; the model must state it."""
+    masks = rollout.loss_mask or [None] * len(texts)
+    return [
+        text if mask is None or all(mask) else
+        model_written_text(tokenizer, ids, mask, skip_special_tokens=skip_special_tokens)
+        for text, ids, mask in zip(texts, rollout.response_ids, masks, strict=True)
+    ]
+
+
 # --- the loop --------------------------------------------------------------------------------
 
 
@@ -166,20 +269,35 @@ def _decode(tokenizer, ids: list[int]) -> str:
 
 
 def _call_cut(tokenizer, tokens: list[int], fmt: str) -> tuple[int, ToolCall] | None:
-    """(n, call): the shortest prefix tokens[:n] whose text holds a complete call. Binary search
-    (a complete call stays complete as the text grows), O(log T) decodes."""
-    if first_tool_call(_decode(tokenizer, tokens), fmt) is None:
+    """(n, call): the first call of the turn `tokens` and the fewest tokens tokens[:n] whose text
+    reaches its closing marker. The call is read off the whole turn (its text is final: the
+    turn is over), so tokens generated after the marker in the same step fall after the cut. Binary search, O(log T) decodes."""
+    text = _decode(tokenizer, tokens)
+    call = first_tool_call(text, fmt)
+    if call is None:
         return None
+    through_call = text[: call.end]
     lo, hi = 1, len(tokens)
-    while lo < hi:
+    while lo < hi:  # a prefix's text grows with n, so "reaches the marker" is monotone
         mid = (lo + hi) // 2
-        if first_tool_call(_decode(tokenizer, tokens[:mid]), fmt) is not None:
+        if _decode(tokenizer, tokens[:mid]).startswith(through_call):
             hi = mid
         else:
             lo = mid + 1
-    call = first_tool_call(_decode(tokenizer, tokens[:lo]), fmt)
-    assert call is not None
     return lo, call
+
+
+def sandbox_kwargs(cfg: SandboxConfig) -> dict[str, Any]:
+    """`run_python_batch`'s limits from the config, every one of them (a limit left out would
+    silently fall back to the sandbox's default)."""
+    return {
+        "timeout_s": cfg.timeout_s,
+        "memory_mb": cfg.memory_mb,
+        "disk_mb": cfg.disk_mb,
+        "max_processes": cfg.max_processes,
+        "max_output_bytes": cfg.max_output_bytes,
+        "allow_unsandboxed": cfg.allow_unsandboxed,
+    }
 
 
 class ToolCallStop(StoppingCriteria):
@@ -187,7 +305,8 @@ class ToolCallStop(StoppingCriteria):
 
     Rows are left-padded to `prompt_width`, so new tokens are input_ids[:, prompt_width:].
     Each step decodes only the last few tokens of each row; the row's whole new text only when
-    the closing marker shows up there. Returns a (B,) bool tensor, as HF expects.
+    the closing marker shows up there. The text is read as still growing, so a
+    </tool_call> inside a JSON string stops nothing. Returns a (B,) bool tensor, as HF expects.
     """
 
     def __init__(self, tokenizer, fmt: str, prompt_width: int, budgets: list[int]) -> None:
@@ -204,7 +323,7 @@ class ToolCallStop(StoppingCriteria):
                 done[b] = True
             elif _CLOSE[self.fmt] in _decode(self.tokenizer, tail):
                 text = _decode(self.tokenizer, new[b].tolist())
-                done[b] = first_tool_call(text, self.fmt) is not None
+                done[b] = first_tool_call(text, self.fmt, streaming=True) is not None
         return done.to(input_ids.device)
 
 
@@ -249,7 +368,6 @@ def generate_with_tools(
     mask: list[list[int]] = [[] for _ in range(rows)]
     steps: list[list[int]] = [[] for _ in range(rows)]
     calls, successes, ended = [0] * rows, [0] * rows, [False] * rows
-    sandbox = tools_cfg.sandbox
     active = [i for i in range(rows) if budget > 0]
     while active:
         room = [budget - len(resp[i]) for i in active]  # tokens each row may still add
@@ -277,10 +395,8 @@ def generate_with_tools(
             # otherwise the row is done: EOS, budget spent, or a call over max_turns (not run)
 
         runnable = [(i, c.code) for i, c in pending if c.code is not None]
-        results = dict(zip([i for i, _ in runnable], run_python_batch(
-            [code for _, code in runnable], timeout_s=sandbox.timeout_s,
-            memory_mb=sandbox.memory_mb, require_isolation=sandbox.require_isolation,
-        ), strict=True))
+        outputs = run_python_batch([code for _, code in runnable], **sandbox_kwargs(tools_cfg.sandbox))
+        results = dict(zip([i for i, _ in runnable], outputs, strict=True))
         active = []
         for i, call in pending:
             if call.code is None:
