@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,7 +12,6 @@ import tempfile
 import threading
 import time
 import uuid
-import warnings
 from pathlib import Path
 
 import pytest
