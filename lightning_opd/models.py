@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from lightning_opd.config import ModelConfig, TinyModelConfig, TokenizerConfig
+from lightning_opd.errors import ModelLoadError
 
 FALLBACK_TEMPLATE = "User: {prompt}\nAssistant: "
 STUDENT_SPECIALS = {"eos": "<|endoftext|>", "pad": "<|pad|>", "extra": ["<|user|>", "<|assistant|>"]}
@@ -33,10 +34,6 @@ TEMPLATES = {
     "<|im_start|>": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
 }
-
-
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer could not be found; the message says what was looked for."""
 
 
 # --- tokenizers --------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from lightning_opd.ablate import ABLATION_DIR, ablate, parse_seeds, plan
 from lightning_opd.cli import main
+from lightning_opd.cli.ablate import ABLATION_DIR, ablate, parse_seeds, plan
+from lightning_opd.cli.report import find_runs, markdown_table, mean_curve, mean_sd, summarise
 from lightning_opd.config import ConfigError, load
-from lightning_opd.report import find_runs, markdown_table, mean_curve, mean_sd, summarise
 from tests.test_train import ROOT, TINY
 
 EXPERIMENTS = ROOT / "configs" / "experiment"
@@ -148,7 +148,7 @@ def test_report_errors_exit_2(tmp_path, capsys):
 
 def test_ablate_command_takes_overrides_before_and_after_the_options(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr("lightning_opd.ablate.ablate", lambda exp, knob, seeds, out, overrides: seen.update(
+    monkeypatch.setattr("lightning_opd.cli.ablate.ablate", lambda exp, knob, seeds, out, overrides: seen.update(
         knob=knob, seeds=seeds, overrides=list(overrides)) or {"failed": 0})  # fmt: skip
     experiment = str(EXPERIMENTS / "default.yaml")
     assert main(["ablate", experiment, "a.b=1", "--knob", "aligner", "--seeds", "0 1", "c.d=2"]) == 0

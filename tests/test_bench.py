@@ -8,8 +8,8 @@ import json
 import pytest
 
 from lightning_opd.align import TokenizerPair, segment_responses
-from lightning_opd.bench import BenchSettings, fast_segments, naive_segments, run_bench
 from lightning_opd.cli import main
+from lightning_opd.cli.bench import BenchSettings, fast_segments, naive_segments, run_bench
 from tests.test_align_exact import byte_level_tokenizer
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from lightning_opd.align import ALIGNERS
 from lightning_opd.cli import main
-from lightning_opd.coverage import KEYS, measure_coverage
+from lightning_opd.cli.align import KEYS, measure_coverage
 from lightning_opd.fixtures import load_fixture_tokenizer
 
 TEXTS = [

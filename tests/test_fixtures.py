@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from lightning_opd.align import ALIGNERS, TokenizerPair, segment_responses
 from lightning_opd.align.vocab import TokenBytes, build_shared_vocab
-from lightning_opd.coverage import measure_coverage
+from lightning_opd.cli.align import measure_coverage
 from lightning_opd.fixtures import (
     FixtureError,
     load_fixture_tokenizer,

@@ -24,7 +24,7 @@ from lightning_opd.align import LossSettings, ScoredBatch, ScoredSide, Tokenizer
 from lightning_opd.align.base import pack_segments
 from lightning_opd.align.offsets import segment
 from lightning_opd.align.pairing import segment_responses
-from lightning_opd.coverage import aligner_defaults
+from lightning_opd.cli.align import aligner_defaults
 from lightning_opd.fixtures import load_fixture_tokenizer
 from lightning_opd.module import OPDModule
 from lightning_opd.rollout.generate import Rollout

@@ -104,7 +104,7 @@ def ablate(experiment: str | Path, knob: str, seeds: list[int], out: str | Path 
 
     Returns {"dir", "finished", "failed", "skipped", "table", "curves"}.
     """
-    from lightning_opd.report import find_runs, write_report
+    from lightning_opd.cli.report import find_runs, write_report
     from lightning_opd.train import train
 
     experiment, out = Path(experiment), Path(out)

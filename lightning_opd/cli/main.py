@@ -69,21 +69,21 @@ def _lazy(module: str, attribute: str) -> Callable:
 
 
 def _in_module(module: str, run: str, add_arguments: str) -> tuple[Callable, Callable]:
-    return _lazy(f"lightning_opd.{module}", run), _lazy(f"lightning_opd.{module}", add_arguments)
+    return _lazy(f"lightning_opd.cli.{module}", run), _lazy(f"lightning_opd.cli.{module}", add_arguments)
 
 
 # name -> (run, add its arguments, help)
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {
     "train": (cmd_train, _items_arguments, "run an experiment: CONFIG.yaml... [key=value...]"),
     "config": (cmd_config, _items_arguments, "print the resolved config: CONFIG.yaml... [key=value...]"),
-    "align": (*_in_module("coverage", "run_align", "add_align_arguments"),
+    "align": (*_in_module("align", "run_align", "add_align_arguments"),
               "alignment coverage of tokenizer pairs on a JSONL file"),
     "ablate": (*_in_module("ablate", "run_ablate", "add_ablate_arguments"),
                "one run per overlay of a knob and seed, then the report"),
     "report": (*_in_module("report", "run_report", "add_report_arguments"),
                "table.md and curves.png from run directories"),
     "bench": (*_in_module("bench", "run_bench_command", "add_bench_arguments"),
-              "time alignment, rows, loss and one training step (DESIGN §7)"),
+              "time alignment, rows, loss and one training step (docs/performance.md)"),
 }  # fmt: skip
 
 

@@ -208,7 +208,7 @@ def alignment_points(label: str, pair, s: BenchSettings) -> tuple[list[dict], li
     """(a) and (d) for one tokenizer pair at every length: (alignment rows, naive rows)."""
     from lightning_opd.align import ALIGNERS, build_aligner
     from lightning_opd.align.pairing import tokenize
-    from lightning_opd.coverage import aligner_defaults
+    from lightning_opd.cli.align import aligner_defaults
 
     aligners = {name: build_aligner(name, **aligner_defaults()) for name in sorted(ALIGNERS)}
     alignment, naive = [], []
@@ -345,7 +345,7 @@ def loss_points(pair, s: BenchSettings) -> list[dict]:
         segment_responses,
     )
     from lightning_opd.align.base import pack_segments
-    from lightning_opd.coverage import aligner_defaults
+    from lightning_opd.cli.align import aligner_defaults
 
     loss_cfg = LossConfig()
     settings = LossSettings(form=loss_cfg.form, divergence=loss_cfg.divergence, beta=loss_cfg.beta,
@@ -520,7 +520,7 @@ def machine() -> dict:
 def run_bench(s: BenchSettings, tokenizers: dict | None = None, log=print) -> dict:
     """Every section; `tokenizers` maps a spec to a tokenizer object (tests pass trained ones)."""
     from lightning_opd.align import TokenizerPair
-    from lightning_opd.coverage import load_spec
+    from lightning_opd.cli.align import load_spec
 
     start = time.perf_counter()
     cache = dict(tokenizers or {})
@@ -559,7 +559,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from lightning_opd.bench_tables import print_result
+    from lightning_opd.cli.bench_tables import print_result
 
     s = replace(BenchSettings(), **QUICK) if args.quick else BenchSettings()
     if args.lengths:
