@@ -22,7 +22,7 @@ from lightning_opd.data import (
 )
 from lightning_opd.rewards import normalize_number
 
-GSM8K_TEST = Path(__file__).resolve().parents[1] / "../shared/data/gsm8k/test.jsonl"
+GSM8K_TEST = Path(__file__).resolve().parents[1] / "data/gsm8k/test.jsonl"
 PROBLEM = re.compile(r"What is (\d+)([-+*])(\d+)\?")
 
 
