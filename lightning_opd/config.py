@@ -144,7 +144,6 @@ class RLConfig:
 
     outcome_coef: float = 0.0  # weight of the outcome advantage; 0 = pure distillation
     opd_coef: float = 1.0  # lambda: weight of the (SOD-weighted) teacher-student advantage
-    group_size: int = 1  # responses per prompt for group normalisation (= rollout.samples_per_prompt)
 
 
 @dataclass
@@ -298,7 +297,10 @@ _CHOICES = {
 
 
 def validate(cfg: Config) -> None:
-    """Check values that a type alone cannot (choices, ranges)."""
+    """Check values that a type alone cannot (choices, ranges, settings that exclude each other).
+
+    Every such check lives here, so `lightning-opd config ...` catches a bad combination before
+    any work; the message names the keys."""
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
@@ -307,12 +309,45 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"trainer.max_steps must be >= 0, got {cfg.trainer.max_steps}")
     if not 0.0 <= cfg.loss.beta <= 1.0:
         raise ConfigError(f"loss.beta must be in [0, 1], got {cfg.loss.beta}")
+    if not cfg.loss.temperature > 0:
+        raise ConfigError(f"loss.temperature must be > 0, got {cfg.loss.temperature}")
     if cfg.data.source == "jsonl" and not cfg.data.path:
         raise ConfigError("data.source=jsonl needs data.path")
     box = cfg.tools.sandbox
     for key in ("timeout_s", "memory_mb", "disk_mb", "max_processes"):
         if not getattr(box, key) > 0:
             raise ConfigError(f"tools.sandbox.{key} must be > 0, got {getattr(box, key)}")
+    _validate_aligner(cfg.aligner)
+    _validate_tools(cfg)
+
+
+def _validate_aligner(aligner: AlignerConfig) -> None:
+    from lightning_opd.align.base import registered_aligners  # the registry imports this module
+
+    names = sorted(registered_aligners())
+    if aligner.name not in names:
+        raise ConfigError(f"aligner.name={aligner.name!r} is not registered; choose from {names}")
+    if not 0.0 <= aligner.ratio <= 1.0:
+        raise ConfigError(f"aligner.ratio must be in [0, 1], got {aligner.ratio}")
+    if not aligner.alm_temperature > 0:
+        raise ConfigError(f"aligner.alm_temperature must be > 0, got {aligner.alm_temperature}")
+
+
+def _validate_tools(cfg: Config) -> None:
+    """Tool rollouts exclude settings that cannot run them."""
+    if not cfg.tools.enabled:
+        return
+    if cfg.rollout.engine == "vllm":
+        raise ConfigError("rollout.engine=vllm does not run tool calls (tools.enabled=true); use rollout.engine=hf")
+    one_device = cfg.trainer.devices == 1 and cfg.trainer.num_nodes == 1
+    if cfg.trainer.strategy == "fsdp" and not one_device:
+        # each rank's tool loop runs a data-dependent number of generate calls, and sharded
+        # models need every rank in every forward: that would hang, so refuse up front
+        raise ConfigError(
+            "tools.enabled=true with trainer.strategy=fsdp on more than one device is not supported "
+            "(tool rollouts are not synchronised across ranks); use trainer.strategy=ddp, "
+            f"or trainer.devices=1 and trainer.num_nodes=1 (got {cfg.trainer.devices} and {cfg.trainer.num_nodes})"
+        )
 
 
 def to_yaml(cfg: Config) -> str:

@@ -31,6 +31,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lightning_opd.config import LossConfig
+
 NEG_INF = float("-inf")
 
 
@@ -103,9 +105,9 @@ def full_divergence(
     student_logits: Tensor,
     teacher_logits: Tensor,
     *,
-    kind: str = "rkl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
+    divergence: str,
+    beta: float = LossConfig.beta,
+    temperature: float = LossConfig.temperature,
 ) -> Tensor:
     """Per-row divergence between student and teacher softmaxes.
 
@@ -113,7 +115,7 @@ def full_divergence(
         student_logits: (R, U) any float dtype; masked slots are -inf. Extra leading
             dims are allowed and kept.
         teacher_logits: (R, U), same shape; detached here (the teacher gets no gradient).
-        kind: a key of ``DIVERGENCES``:
+        divergence: a key of ``DIVERGENCES`` (``loss.divergence`` of the config):
             ``"rkl"``  KL(p_S || p_T) = sum_u p_S (log p_S - log p_T)  (reverse KL, SimCT);
             ``"fkl"``  KL(p_T || p_S) = sum_u p_T (log p_T - log p_S);
             ``"jsd"``  generalised JSD of GKD (Agarwal et al., 2024):
@@ -129,8 +131,8 @@ def full_divergence(
         finite gradients. A slot that is -inf only in the teacher while the student puts
         mass on it makes ``"rkl"`` +inf (and ``"fkl"`` likewise for the mirrored case).
     """
-    if kind not in DIVERGENCES:
-        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {sorted(DIVERGENCES)}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; expected one of {sorted(DIVERGENCES)}")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             "student_logits and teacher_logits must have the same shape, got "
@@ -143,7 +145,7 @@ def full_divergence(
     _check_temperature(temperature)
     student_log_p = _log_probs(student_logits, temperature)  # (R, U)
     teacher_log_p = _log_probs(teacher_logits.detach(), temperature)  # (R, U)
-    return DIVERGENCES[kind](student_log_p, teacher_log_p, beta)
+    return DIVERGENCES[divergence](student_log_p, teacher_log_p, beta)
 
 
 def sampled_policy_gradient(

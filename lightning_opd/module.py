@@ -1,14 +1,17 @@
-"""OPDModule: one on-policy distillation step = rollout -> score -> align -> loss.
+"""OPDModule: one on-policy distillation step = rollout -> score -> align -> weight -> loss.
 
 1. rollout: the student samples responses to its own rendering of each prompt (no grad).
-2. score: the response text is re-tokenized for the teacher, appended to the teacher's own
-   rendering of the prompt, and scored by the frozen teacher (no grad); the student scores its
-   own sampled ids (grad). Logits are kept only at response positions.
-3. align: the aligner maps student and teacher tokens of the same text to supervision rows.
-4. loss: each row's divergence (full form over the row's support, or sampled form), summed and
-   divided by the number of the student's own response tokens in the batch, EOS included and
-   tool observations not (or by the number of supervised tokens). Coverage has the same
-   denominator, so with identical tokenizers it is 1 whether or not the responses called tools.
+2. score: the response text is re-tokenized for the teacher (`align_batch`, which also cuts each
+   response into segments), appended to the teacher's own rendering of the prompt, and scored
+   by the frozen teacher (no grad); the student scores its own sampled ids (grad). Logits are
+   kept only at response positions.
+3. align: the aligner maps the segments of student and teacher tokens to supervision rows.
+4. weight: with SOD, each row gets the weight of its reasoning step (`step_weights`).
+5. loss: each row's divergence (full form over the row's support, or sampled form), weighted,
+   summed and divided by the number of the student's own response tokens in the batch, EOS
+   included and tool observations not (or by the number of supervised tokens). Coverage has
+   the same denominator, so with identical tokenizers it is 1 whether or not the responses
+   called tools.
 
 Validation answers the held-out prompts greedily before and after training (and every
 `trainer.val_every_n_steps` steps), scored by the task's answer check.
@@ -20,6 +23,8 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -29,15 +34,24 @@ from omegaconf import OmegaConf
 from torchmetrics import MeanMetric
 
 from lightning_opd import losses
-from lightning_opd.align import LossSettings, ScoredBatch, ScoredSide, TokenizerPair, build_aligner
-from lightning_opd.align.base import pack_segments, unit_logprobs
-from lightning_opd.align.pairing import segment_responses
+from lightning_opd.align import (
+    AlignedBatch,
+    BatchSegments,
+    Rows,
+    ScoredBatch,
+    ScoredSide,
+    TokenizerPair,
+    align_batch,
+    build_aligner,
+)
+from lightning_opd.align.base import unit_logprobs
 from lightning_opd.config import Config
+from lightning_opd.evaluation import evaluate_accuracy
 from lightning_opd.metrics import AnswerAccuracy, Coverage
 from lightning_opd.models import render_prompt
 from lightning_opd.rollout.generate import Rollout, response_logits
 from lightning_opd.rollout.tools import reward_texts, sample_responses
-from lightning_opd.sft import evaluate_accuracy, warmup_cosine
+from lightning_opd.schedule import warmup_cosine
 from lightning_opd.weighting import (
     StepWeights,
     batched_step_weights,
@@ -74,10 +88,34 @@ def step_value(metric, *update_args) -> float:
     return value
 
 
-def sequence_of_rows(rows, scored: ScoredBatch) -> torch.Tensor:
+def response_of_rows(rows: Rows, scored: ScoredBatch) -> torch.Tensor:
     """(R,) index of the response each row's first student token belongs to."""
     offsets = scored.student.offsets.to(rows.student_pos.device)
     return torch.searchsorted(offsets, rows.student_pos, right=True) - 1
+
+
+def as_dataclass(section):
+    """A config section as its schema dataclass (an OmegaConf node is converted)."""
+    return OmegaConf.to_object(section) if OmegaConf.is_config(section) else section
+
+
+class PhaseTimer:
+    """Wall-clock seconds of each phase of one step, summed over the phase's blocks:
+    `with timer("rollout"): ...` records `perf/rollout_s`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"perf/{phase}_s": seconds for phase, seconds in self.seconds.items()}
 
 
 class OPDModule(L.LightningModule):
@@ -88,12 +126,8 @@ class OPDModule(L.LightningModule):
         self.teacher = teacher.requires_grad_(False).eval()
         self.task = task
         self.pair = TokenizerPair.build(student_tokenizer, teacher_tokenizer)
-        aligner_options = OmegaConf.to_container(cfg.aligner) if OmegaConf.is_config(cfg.aligner) else vars(cfg.aligner)
-        self.aligner = build_aligner(**aligner_options, seed=cfg.trainer.seed)
-        self.loss_settings = LossSettings(
-            form=cfg.loss.form, divergence=cfg.loss.divergence, beta=cfg.loss.beta,
-            temperature=cfg.loss.temperature, chunk_rows=cfg.loss.chunk_rows,
-        )  # fmt: skip
+        self.aligner = build_aligner(as_dataclass(cfg.aligner), seed=cfg.trainer.seed)
+        self.loss_cfg = as_dataclass(cfg.loss)
         self.val_accuracy = AnswerAccuracy()
         # per-step coverage and reward, synchronised across ranks by torchmetrics
         self.train_coverage = Coverage()
@@ -104,6 +138,8 @@ class OPDModule(L.LightningModule):
         self.seen_uids: list[str] = []  # prompts this rank trained on (first MAX_RECORDED_UIDS)
         self._update_start = 0.0
         self.start_step = 0
+        self._sharded = False  # configure_model has sharded the models (fsdp)
+        self._pending_rng: dict | None = None  # a checkpoint's RNG state, restored before the first step
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -112,7 +148,7 @@ class OPDModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Under `trainer.strategy=fsdp`, shard student and teacher (see strategy.py)."""
-        if self.cfg.trainer.strategy != "fsdp" or getattr(self, "_sharded", False):
+        if self.cfg.trainer.strategy != "fsdp" or self._sharded:
             return
         from lightning_opd.strategy import shard_model
 
@@ -126,15 +162,6 @@ class OPDModule(L.LightningModule):
     def synced_generation(self) -> bool:
         """Sharded models need every rank in every forward pass, finished or not."""
         return self.cfg.trainer.strategy == "fsdp" and self._trainer is not None and self.trainer.world_size > 1
-
-    def setup(self, stage: str) -> None:
-        if self.synced_generation and self.cfg.tools.enabled:
-            # each rank's tool loop runs a data-dependent number of generate calls, and sharded
-            # models need every rank in every forward: that would hang, so refuse up front
-            raise ValueError(
-                "tools.enabled=true with trainer.strategy=fsdp on more than one device is not supported "
-                "(tool rollouts are not synchronised across ranks); use trainer.strategy=ddp"
-            )
 
     def _global_token_count(self, count: int) -> float:
         """Tokens in the global batch divided by world size: DDP/FSDP average gradients over
@@ -159,102 +186,114 @@ class OPDModule(L.LightningModule):
             for ex in examples
         ]
 
-    # --- the step ----------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def _admit(self, batch) -> tuple[list, list[list[int]]]:
+        """The batch's examples and their student prompt ids, without prompts longer than
+        `data.max_prompt_tokens` (counted in `skipped_prompts`)."""
         examples = list(batch)
         if len(self.seen_uids) < MAX_RECORDED_UIDS:
             self.seen_uids += [ex.uid for ex in examples]
-        s_prompts = self._prompt_ids(self.student_tokenizer, examples)
-        keep = [i for i, p in enumerate(s_prompts) if len(p) <= self.cfg.data.max_prompt_tokens]
+        prompts = self._prompt_ids(self.student_tokenizer, examples)
+        keep = [i for i, p in enumerate(prompts) if len(p) <= self.cfg.data.max_prompt_tokens]
         self.skipped_prompts += len(examples) - len(keep)
-        examples, s_prompts = [examples[i] for i in keep], [s_prompts[i] for i in keep]
+        return [examples[i] for i in keep], [prompts[i] for i in keep]
+
+    # --- the step ----------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+        examples, prompts = self._admit(batch)
         if not examples:  # every prompt was too long: skip the step, training goes on
             self.log("train/skipped_prompts", float(self.skipped_prompts), on_step=True)
             return None
+        timer = PhaseTimer()
 
-        t0 = time.perf_counter()
-        rollout = self.rollout(s_prompts)
-        t1 = time.perf_counter()
-        segmented = segment_responses(
-            self.pair, rollout.response_ids, rollout.ended_with_eos, boundary=self.cfg.aligner.boundary,
-            loss_mask=rollout.loss_mask,
-        )  # fmt: skip
-        t2 = time.perf_counter()
+        # 1. rollout: the student answers each prompt (no grad)
+        with timer("rollout"):
+            rollout = self.rollout(prompts)
+        answered = [examples[i] for i in rollout.prompt_index]  # the example of each response
 
-        s_responses = [
-            r + ([self.student_tokenizer.eos_token_id] if e else [])
-            for r, e in zip(rollout.response_ids, rollout.ended_with_eos, strict=False)
-        ]
-        with torch.no_grad():
-            row_examples = [examples[i] for i in rollout.prompt_index]
-            t_prompts = self._prompt_ids(self.teacher_tokenizer, row_examples)
-            t_logits, t_ids, t_offsets = response_logits(
-                self.teacher, t_prompts, segmented.teacher_ids, self.teacher_tokenizer.pad_token_id
-            )
-        t3 = time.perf_counter()
-        s_logits, s_ids, s_offsets = response_logits(
-            self.student, rollout.prompt_ids, s_responses, self.student_tokenizer.pad_token_id
-        )
-        t4 = time.perf_counter()
+        # 2. score: the teacher's tokens of each response text (with its segments), then logits
+        with timer("align"):
+            aligned = align_batch(self.pair, rollout.response_ids, rollout.ended_with_eos,
+                                  boundary=self.aligner.options.boundary, loss_mask=rollout.loss_mask)  # fmt: skip
+        scored = self.score(rollout, aligned, answered, timer)
 
-        segments = pack_segments(
-            segmented.segments, s_offsets.numpy(), t_offsets.numpy(), model_tokens=segmented.model_tokens
-        )
-        scored = ScoredBatch(
-            ScoredSide(s_logits, s_ids, s_offsets), ScoredSide(t_logits, t_ids, t_offsets), self.pair.vocab
-        )
-        rows = self.aligner.build_rows(segments, scored).to(s_logits.device)
-        texts = segmented.texts
-        sod_stats = self.weight_rows(rows, scored, rollout, texts)
-        t5 = time.perf_counter()
-        rewards = [float(self.task.check(t, row_examples[i])) for i, t in enumerate(reward_texts(rollout, texts, self.student_tokenizer))]
-        if self.cfg.rl.outcome_coef > 0:
-            per_row = self.mixed_policy_gradient(rows, scored, rewards, rollout.prompt_index)
-        else:
-            per_row = self.aligner.row_losses(rows, scored, self.loss_settings)
-        supervised = rows.supervised_student_tokens
-        local_count = segments.n_student_tokens if self.cfg.loss.normalizer == "response_tokens" else supervised
-        normalizer = self._global_token_count(local_count)
-        loss = losses.reduce_rows(per_row, rows.weight, normalizer)
-        t6 = time.perf_counter()
+        # 3. align: supervision rows; 4. weight: SOD step weights of the rows (None = all 1)
+        with timer("align"):
+            rows = self.aligner.build_rows(aligned.segments, scored).to(scored.student.logits.device)
+            sod = self.step_weights(rows, scored, rollout, aligned.texts)
 
-        n_batch = len(texts)
-        extra = self.tool_and_sod_metrics(rollout, sod_stats)
-        self._log_train({
-            **extra,
-            "train/loss": loss.detach(),
-            "train/coverage": step_value(self.train_coverage, supervised, segments.n_student_tokens),
-            "train/rows": float(len(rows)),
-            "train/response_len": sum(rollout.response_lengths) / max(n_batch, 1),
-            "train/eos_rate": sum(rollout.ended_with_eos) / max(n_batch, 1),
-            "train/reward": step_value(self.train_reward, torch.tensor(rewards or [0.0], device=self.device)),
-            "train/unaligned_sequences": float(segments.n_unaligned_sequences),
-            "train/invalid_utf8_tokens": float(segments.n_invalid_tokens),
-            "train/skipped_prompts": float(self.skipped_prompts),
-            "train/bad_lines": float(self._bad_lines()),
-            "perf/rollout_s": t1 - t0,
-            "perf/align_s": (t2 - t1) + (t5 - t4),
-            "perf/teacher_s": t3 - t2,
-            "perf/student_forward_s": t4 - t3,
-            "perf/loss_s": t6 - t5,
-        }, batch_size=max(n_batch, 1))  # fmt: skip
+        # 5. loss: per-row losses, weighted and reduced over the batch's tokens
+        with timer("loss"):
+            rewards = self.rewards(rollout, aligned.texts, answered)
+            loss = self.distillation_loss(rows, scored, sod, rewards, rollout.prompt_index, aligned.segments)
+
+        self._log_step(loss, rows, aligned.segments, rollout, rewards, sod, timer)
         self._update_start = time.perf_counter()
         return loss
 
-    def _bad_lines(self) -> int:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        return int(getattr(datamodule, "bad_lines", 0) or 0)
-
-    # --- rollout, weighting, metrics ---------------------------------------------------------
+    # --- the phases --------------------------------------------------------------------------
     def rollout(self, prompts: list[list[int]], greedy: bool = False) -> Rollout:
         """Student sampling: plain, or with tool calls executed in the sandbox."""
         return sample_responses(self.student, self.student_tokenizer, prompts, self.cfg.rollout, self.cfg.tools,
                                 greedy=greedy, synced_gpus=self.synced_generation)  # fmt: skip
 
+    def score(self, rollout: Rollout, aligned: AlignedBatch, answered: list, timer: PhaseTimer) -> ScoredBatch:
+        """Logits at the response positions: the frozen teacher's on its own tokens of each
+        response text after its own rendering of the prompt (no grad), the student's on its
+        sampled ids, EOS included where generated (grad)."""
+        with timer("teacher"), torch.no_grad():
+            t_prompts = self._prompt_ids(self.teacher_tokenizer, answered)
+            teacher = response_logits(self.teacher, t_prompts, aligned.teacher_ids, self.teacher_tokenizer.pad_token_id)
+        eos = self.student_tokenizer.eos_token_id
+        s_responses = [ids + ([eos] if e else []) for ids, e in zip(rollout.response_ids, rollout.ended_with_eos, strict=True)]
+        with timer("student_forward"):
+            student = response_logits(self.student, rollout.prompt_ids, s_responses, self.student_tokenizer.pad_token_id)
+        return ScoredBatch(ScoredSide(*student), ScoredSide(*teacher), self.pair.vocab)
+
+    def rewards(self, rollout: Rollout, texts: list[str], answered: list) -> list[float]:
+        """The task's answer check of each response, on the text the model itself wrote."""
+        checked = reward_texts(rollout, texts, self.student_tokenizer)
+        return [float(self.task.check(text, example)) for text, example in zip(checked, answered, strict=True)]
+
+    def distillation_loss(self, rows: Rows, scored: ScoredBatch, sod: StepWeights | None, rewards: list[float],
+                          groups: list[int], segments: BatchSegments) -> torch.Tensor:  # fmt: skip
+        """Σ_r w_r · ℓ_r / N: w the SOD weights (1 without SOD), N the batch's response tokens
+        (`loss.normalizer=response_tokens`) or supervised tokens, averaged over ranks."""
+        weights = sod.token_weights if sod is not None else None  # (R,)
+        if self.cfg.rl.outcome_coef > 0:  # the weights go into the advantage, not the reduction
+            row_losses, weights = self.mixed_policy_gradient(rows, scored, weights, rewards, groups), None
+        else:
+            row_losses = self.aligner.row_losses(rows, scored, self.loss_cfg)
+        normalizer = self.cfg.loss.normalizer
+        count = segments.n_student_tokens if normalizer == "response_tokens" else rows.supervised_student_tokens
+        return losses.reduce_rows(row_losses, weights, self._global_token_count(count))
+
+    def _log_step(self, loss: torch.Tensor, rows: Rows, segments: BatchSegments, rollout: Rollout,
+                  rewards: list[float], sod: StepWeights | None, timer: PhaseTimer) -> None:  # fmt: skip
+        n_responses = max(len(rollout.response_ids), 1)
+        self._log_train({
+            **self.tool_and_sod_metrics(rollout, sod),
+            "train/loss": loss.detach(),
+            "train/coverage": step_value(self.train_coverage, rows.supervised_student_tokens, segments.n_student_tokens),
+            "train/rows": float(len(rows)),
+            "train/response_len": sum(rollout.response_lengths) / n_responses,
+            "train/eos_rate": sum(rollout.ended_with_eos) / n_responses,
+            "train/reward": step_value(self.train_reward, torch.tensor(rewards or [0.0], device=self.device)),
+            "train/unaligned_sequences": float(segments.n_unaligned_sequences),
+            "train/invalid_utf8_tokens": float(segments.n_invalid_tokens),
+            "train/skipped_prompts": float(self.skipped_prompts),
+            "train/bad_lines": float(self._bad_lines()),
+            **timer.metrics(),
+        }, batch_size=n_responses)  # fmt: skip
+
+    def _bad_lines(self) -> int:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return int(getattr(datamodule, "bad_lines", 0) or 0)
+
+    # --- SOD step weights and GRPO mixing ----------------------------------------------------
     def packed_step_ids(self, rollout: Rollout, texts: list[str], offsets: torch.Tensor) -> torch.Tensor:
         """(N,) SOD step of every packed student position; -1 = none. EOS joins the step of the
         token before it, or after an observation is a step of its own (`eos_step_id`)."""
-        per_row = []
+        per_response = []
         for b, ids in enumerate(rollout.response_ids):
             if self.cfg.sod.split == "delimiter":
                 lengths = self.pair.student_bytes.lengths[ids] if ids else np.zeros(0, np.int64)
@@ -269,45 +308,44 @@ class OPDModule(L.LightningModule):
             if rollout.ended_with_eos[b]:
                 mask = rollout.loss_mask[b] if rollout.loss_mask is not None else None
                 steps.append(eos_step_id(steps, mask))
-            per_row.append(steps)
-        flat = torch.tensor([s for row in per_row for s in row], dtype=torch.long)
+            per_response.append(steps)
+        flat = torch.tensor([s for steps in per_response for s in steps], dtype=torch.long)
         assert flat.numel() == int(offsets[-1]), "step ids must cover every response token"
         return flat
 
-    def weight_rows(self, rows, scored: ScoredBatch, rollout: Rollout, texts: list[str]) -> StepWeights | None:
+    def step_weights(self, rows: Rows, scored: ScoredBatch, rollout: Rollout, texts: list[str]) -> StepWeights | None:
         """SOD: each row gets the weight w_k of the step its first student token is in, from the
-        step divergences d_k = mean over the step's rows of |log π_S(unit) − log π_T(unit)|."""
+        step divergences d_k = mean over the step's rows of |log π_S(unit) − log π_T(unit)|.
+        None without SOD (every weight 1); the row weights are `.token_weights`, (R,)."""
         if not self.cfg.sod.enabled or len(rows) == 0:
             return None
         device = scored.student.logits.device
         step_of_token = self.packed_step_ids(rollout, texts, scored.student.offsets).to(device)
         row_step = step_of_token[rows.student_pos]
-        row_sequence = sequence_of_rows(rows, scored)
+        row_response = response_of_rows(rows, scored)
         n, tau = len(rows), self.cfg.loss.temperature
         with torch.no_grad():
             student_lp = unit_logprobs(scored.student, rows.s_members, rows.s_member_row, n, tau)
             teacher_lp = unit_logprobs(scored.teacher, rows.t_members, rows.t_member_row, n, tau)
         sod = self.cfg.sod
-        stats = batched_step_weights(student_lp, teacher_lp, row_step, row_sequence,
+        stats = batched_step_weights(student_lp, teacher_lp, row_step, row_response,
                                      delta=sod.delta, eps=sod.eps, reference=sod.reference)  # fmt: skip
-        rows.weight = stats.token_weights.to(rows.weight.dtype)
         self._write_sod_record(stats)
         return stats
 
-    def mixed_policy_gradient(self, rows, scored: ScoredBatch, rewards: list[float],
-                              groups: list[int]) -> torch.Tensor:  # fmt: skip
-        """GRPO mixing (SOD's training signal): per row, A = outcome_coef·Â_i + opd_coef·w_k·
-        (log π_T − log π_S) on the sampled unit; loss = −A·log π_S. The row weights are folded
-        into A here, so they are reset to 1 for the reduction."""
+    def mixed_policy_gradient(self, rows: Rows, scored: ScoredBatch, weights: torch.Tensor | None,
+                              rewards: list[float], groups: list[int]) -> torch.Tensor:  # fmt: skip
+        """GRPO mixing (SOD's training signal): per row, A = outcome_coef·Â_i + opd_coef·w_r·
+        (log π_T − log π_S) on the sampled unit, w the row weights ((R,), None = 1);
+        loss = −A·log π_S, (R,). The weights are folded into A, so the reduction takes none."""
         n, tau, rl = len(rows), self.cfg.loss.temperature, self.cfg.rl
         device = scored.student.logits.device
         student_lp = unit_logprobs(scored.student, rows.s_members, rows.s_member_row, n, tau)
         with torch.no_grad():
             teacher_lp = unit_logprobs(scored.teacher, rows.t_members, rows.t_member_row, n, tau)
             outcome = grpo_advantages(torch.tensor(rewards, device=device), torch.tensor(groups, device=device))
-            row_sequence = sequence_of_rows(rows, scored)
-            advantage = rl.outcome_coef * outcome[row_sequence] + rl.opd_coef * rows.weight * (teacher_lp - student_lp)
-        rows.weight = torch.ones_like(rows.weight)
+            weight = weights.float() if weights is not None else 1.0
+            advantage = rl.outcome_coef * outcome[response_of_rows(rows, scored)] + rl.opd_coef * weight * (teacher_lp - student_lp)
         return -advantage.detach() * student_lp
 
     def tool_and_sod_metrics(self, rollout: Rollout, sod: StepWeights | None) -> dict:
@@ -340,7 +378,7 @@ class OPDModule(L.LightningModule):
                      batch_size=batch_size, sync_dist=False)  # fmt: skip
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if getattr(self, "_pending_rng", None) is not None:
+        if self._pending_rng is not None:
             set_rng_state(self._pending_rng)
             self._pending_rng = None
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lightning_opd.config import Config, ModelConfig
+from lightning_opd.evaluation import evaluate_accuracy
 from lightning_opd.models import (
     load_model,
     load_pretrained_dir,
@@ -29,7 +30,7 @@ from lightning_opd.models import (
     tiny_model,
     train_tokenizer,
 )
-from lightning_opd.sft import endless_examples, evaluate_accuracy, supervised_finetune
+from lightning_opd.sft import endless_examples, supervised_finetune
 
 CACHE_VERSION = 1
 TOKENIZER_CORPUS = 4000  # task examples the on-the-spot tokenizers are trained on

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on a task's reference solutions, and greedy answer evaluation.
+"""Supervised fine-tuning on a task's reference solutions.
 
 Used to prepare the embedded default: the teacher is trained by SFT until it solves the task
 (cached, see prepare.py), and the student gets a short SFT warm start so that on-policy
@@ -8,23 +8,13 @@ PyTorch loop (not Lightning): it runs once, before training, on one process.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 
-from lightning_opd.config import RolloutConfig, SFTConfig, ToolsConfig
-from lightning_opd.metrics import AnswerAccuracy
+from lightning_opd.config import SFTConfig
 from lightning_opd.models import render_prompt
-from lightning_opd.rollout.tools import reward_texts, sample_responses
-
-
-def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up to 1, then cosine decay to `min_ratio`."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+from lightning_opd.schedule import warmup_cosine
 
 
 def endless_examples(task, start: int = 0):
@@ -35,7 +25,7 @@ def endless_examples(task, start: int = 0):
             count += 1
             yield example
         if count == 0 and start == 0:
-            raise ValueError("the task has no training examples", flush=True)
+            raise ValueError("the task has no training examples")
         start = 0
 
 
@@ -90,31 +80,3 @@ def supervised_finetune(model, tokenizer, task, cfg: SFTConfig, *, log_every: in
         if log_every and (step + 1) % log_every == 0:
             print(f"  sft step {step + 1}/{cfg.steps}  loss {loss_value:.4f}  {time.time() - start:.0f}s", flush=True)
     return {"sft_steps": cfg.steps, "sft_final_loss": loss_value, "sft_seconds": time.time() - start}
-
-
-@torch.no_grad()
-def evaluate_accuracy(model, tokenizer, examples, task, *, max_new_tokens: int, batch_size: int = 256,
-                      metric: AnswerAccuracy | None = None, synced_gpus: bool = False,
-                      num_batches: int | None = None, tools: ToolsConfig | None = None) -> float:  # fmt: skip
-    """Greedy answers to `examples`, scored by the task's answer check; returns accuracy.
-
-    The metric's compute() synchronises across ranks. With `synced_gpus` (sharded models) all
-    ranks must call generate equally often: pass the same `num_batches` on every rank.
-    """
-    metric = metric or AnswerAccuracy()
-    rollout_cfg = RolloutConfig(max_new_tokens=max_new_tokens)
-    num_batches = num_batches or max(1, math.ceil(len(examples) / batch_size))
-    per_batch = max(1, math.ceil(len(examples) / num_batches))
-    for i in range(num_batches):
-        chunk = examples[i * per_batch : (i + 1) * per_batch]
-        if not chunk and not synced_gpus:
-            continue
-        chunk = chunk or examples[:1]  # a rank with nothing left still joins the collective
-        prompts = [tokenizer(render_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"] for ex in chunk]
-        # the tool task is answered with the interpreter
-        out = sample_responses(model, tokenizer, prompts, rollout_cfg, tools, greedy=True, synced_gpus=synced_gpus)
-        texts = reward_texts(out, tokenizer.batch_decode(out.response_ids, skip_special_tokens=True), tokenizer,
-                             skip_special_tokens=True)  # observations are not the model's answer
-        if i * per_batch < len(examples):
-            metric.update(texts, chunk)
-    return float(metric.compute())

@@ -17,10 +17,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 from lightning_opd.config import Config, ConfigError, save
 from lightning_opd.data import PromptDataModule
+from lightning_opd.evaluation import evaluate_accuracy
 from lightning_opd.module import OPDModule
 from lightning_opd.prepare import prepare
 from lightning_opd.rollout.sandbox import refusal as sandbox_refusal
-from lightning_opd.sft import evaluate_accuracy
 
 SUMMARY_KEYS = ("student_accuracy_before", "student_accuracy_after", "teacher_accuracy", "coverage",
                 "aligner", "steps", "seconds")  # fmt: skip

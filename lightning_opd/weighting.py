@@ -95,16 +95,17 @@ def sod_weights(
     return _weights_from_steps(d, is_first, start, delta, eps, reference)
 
 
-def _segments(keys: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense segment index per token (-1 where not valid) and the sorted unique keys (M,)."""
+def _runs(keys: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group tokens by equal key: the dense group index per token (-1 where not valid) and the
+    sorted unique keys (M,)."""
     unique, inverse = torch.unique(keys[valid], sorted=True, return_inverse=True)
     index = torch.full_like(keys, -1)
     index[valid] = inverse
     return index, unique
 
 
-def _segment_mean(values: torch.Tensor, index: torch.Tensor, m: int) -> torch.Tensor:
-    """Mean of values (N,) over each of m segments; index (N,) in [0, m) or -1 (ignored)."""
+def _run_mean(values: torch.Tensor, index: torch.Tensor, m: int) -> torch.Tensor:
+    """Mean of values (N,) over each of m groups; index (N,) in [0, m) or -1 (ignored)."""
     valid = index >= 0
     total = values.new_zeros(m).index_add_(0, index[valid], values[valid])
     count = values.new_zeros(m).index_add_(0, index[valid], torch.ones_like(values[valid]))
@@ -124,9 +125,9 @@ def step_divergences(
     """
     s, t = student_logprobs.detach(), teacher_logprobs.detach()
     step_ids = torch.as_tensor(step_ids, dtype=torch.long, device=s.device)
-    index, unique = _segments(step_ids, step_ids >= 0)
+    index, unique = _runs(step_ids, step_ids >= 0)
     diff = (s - t).abs().to(torch.promote_types(s.dtype, torch.float32))
-    return _segment_mean(diff, index, len(unique)), index
+    return _run_mean(diff, index, len(unique)), index
 
 
 @dataclass
@@ -144,7 +145,7 @@ def batched_step_weights(
     student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, step_ids: torch.Tensor,
     sequence_ids: torch.Tensor, delta: float = 0.2, eps: float = 1e-6, reference: str = "first",
 ) -> StepWeights:
-    """SOD over many trajectories packed into flat (N,) tensors, with segment ops only.
+    """SOD over many trajectories packed into flat (N,) tensors, with grouped (index_add) ops only.
 
     student_logprobs, teacher_logprobs: (N,); step_ids: (N,) long, -1 = ignored;
     sequence_ids: (N,) long, the trajectory of each token (any non-negative ids).
@@ -156,10 +157,10 @@ def batched_step_weights(
     valid = step_ids >= 0
     width = max(int(step_ids.max().item()) if len(step_ids) else 0, 0) + 1
     keys = sequence_ids * width + step_ids.clamp(min=0)  # sorts by (sequence, step)
-    index, unique = _segments(keys, valid)
+    index, unique = _runs(keys, valid)
     m = len(unique)
     diff = (s - t).abs().to(torch.promote_types(s.dtype, torch.float32))
-    d = _segment_mean(diff, index, m)  # (M,)
+    d = _run_mean(diff, index, m)  # (M,)
     seq, step = unique // width, unique % width
     is_first = torch.ones(m, dtype=torch.bool, device=d.device)
     is_first[1:] = seq[1:] != seq[:-1]
@@ -236,6 +237,6 @@ def grpo_advantages(
     group_ids = torch.as_tensor(group_ids, dtype=torch.long, device=r.device)
     _, index = torch.unique(group_ids, return_inverse=True)
     m = int(index.max().item()) + 1 if len(index) else 0
-    mean = _segment_mean(r, index, m)[index]
-    var = _segment_mean((r - mean) ** 2, index, m)[index]
+    mean = _run_mean(r, index, m)[index]
+    var = _run_mean((r - mean) ** 2, index, m)[index]
     return (r - mean) / (var.sqrt() + eps)

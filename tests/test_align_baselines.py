@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -11,26 +10,22 @@ import torch
 
 from lightning_opd import losses
 from lightning_opd.align import (
-    LossSettings,
+    BatchSegments,
     ScoredBatch,
     ScoredSide,
-    Segments,
     TokenizerPair,
+    align_batch,
     build_aligner,
-    segment_responses,
 )
 from lightning_opd.align.alm import ALMAligner, binarised_kl, log1mexp
-from lightning_opd.align.base import pack_segments
 from lightning_opd.align.uld import ULDAligner
 from lightning_opd.align.vocab import SharedVocab
-from lightning_opd.config import AlignerConfig
-
-DEFAULTS = asdict(AlignerConfig())
+from lightning_opd.config import AlignerConfig, LossConfig
 
 
 def aligner(name: str, **overrides):
-    """Built the way the module builds it: every AlignerConfig field as a keyword option."""
-    return build_aligner(**{**DEFAULTS, "name": name, **overrides})
+    """Built the way the module builds it: the AlignerConfig defaults, with `overrides`."""
+    return build_aligner(AlignerConfig(name=name, **overrides))
 
 
 def no_shared_vocab(n_student: int) -> SharedVocab:
@@ -46,10 +41,11 @@ def one_sequence_batch(zs, s_ids, zt, t_ids) -> ScoredBatch:
     return ScoredBatch(student, teacher, no_shared_vocab(zs.shape[-1]))
 
 
-def one_sequence_segments(s_bounds: list[int], t_bounds: list[int]) -> Segments:
+def one_sequence_segments(s_bounds: list[int], t_bounds: list[int], boundary: str = "match") -> BatchSegments:
     s, t = torch.tensor(s_bounds), torch.tensor(t_bounds)
     g = len(s_bounds) - 1
-    return Segments(torch.zeros(g, dtype=torch.long), s[:-1], s[1:], t[:-1], t[1:], s_bounds[-1])
+    seq = torch.zeros(g, dtype=torch.long)
+    return BatchSegments(seq, s[:-1], s[1:], t[:-1], t[1:], s_bounds[-1], boundary=boundary)
 
 
 def logits_with_probs(ids: list[int], probs: list[float], vocab: int) -> torch.Tensor:
@@ -66,10 +62,10 @@ def logits_of(probs: list[list[float]]) -> torch.Tensor:
 
 
 def batch_from_texts(student_tok, teacher_tok, texts, seed=0):
-    """Segments and a random-logit ScoredBatch for real tokenizations of `texts` (EOS-ended)."""
+    """BatchSegments and a random-logit ScoredBatch for real tokenizations of `texts` (EOS-ended)."""
     pair = TokenizerPair.build(student_tok, teacher_tok)
     responses = [student_tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    out = segment_responses(pair, responses, [True] * len(texts))
+    out = align_batch(pair, responses, [True] * len(texts))
     s_ids = torch.tensor(sum((r + [student_tok.eos_token_id] for r in responses), []))
     t_ids = torch.tensor(sum(out.teacher_ids, []))
     s_off = np.cumsum([0] + [len(r) + 1 for r in responses])
@@ -82,7 +78,7 @@ def batch_from_texts(student_tok, teacher_tok, texts, seed=0):
         ScoredSide(zt, t_ids, torch.from_numpy(t_off)),
         pair.vocab,
     )
-    return pack_segments(out.segments, s_off, t_off), batch
+    return out.segments, batch
 
 
 TEXTS = ("12+39=51 #### 51", "7*8=56\n#### 56", "What is 605+17? 622")
@@ -106,7 +102,7 @@ def test_alm_hand_computed_two_chunks(tau):
     batch = one_sequence_batch(zs, [1, 3, 0], zt, [2, 0])
     alm = aligner("alm", alm_temperature=tau)
     rows = alm.build_rows(one_sequence_segments([0, 2, 3], [0, 1, 2]), batch)
-    got = alm.row_losses(rows, batch, LossSettings())
+    got = alm.row_losses(rows, batch, LossConfig())
     want = [reference_alm(math.log(0.5 * 0.4), math.log(0.3), tau),
             reference_alm(math.log(0.9), math.log(0.6), tau)]  # fmt: skip
     torch.testing.assert_close(got, torch.tensor(want), rtol=1e-4, atol=1e-6)
@@ -125,7 +121,7 @@ def test_alm_identical_models_give_zero(split_tokenizer):
     segments, batch = batch_from_texts(split_tokenizer, split_tokenizer, TEXTS)
     batch.teacher.logits = batch.student.logits.detach().clone()
     alm = aligner("alm")
-    per_row = alm.row_losses(alm.build_rows(segments, batch), batch, LossSettings())
+    per_row = alm.row_losses(alm.build_rows(segments, batch), batch, LossConfig())
     torch.testing.assert_close(per_row, torch.zeros_like(per_row))
 
 
@@ -133,7 +129,7 @@ def test_alm_gradient_reaches_the_student_only(split_tokenizer, merge_tokenizer)
     segments, batch = batch_from_texts(split_tokenizer, merge_tokenizer, TEXTS)
     batch.teacher.logits.requires_grad_()
     alm = aligner("alm")
-    alm.row_losses(alm.build_rows(segments, batch), batch, LossSettings()).sum().backward()
+    alm.row_losses(alm.build_rows(segments, batch), batch, LossConfig()).sum().backward()
     assert batch.teacher.logits.grad is None
     grad = batch.student.logits.grad
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
@@ -148,7 +144,7 @@ def test_alm_stable_for_extreme_chunk_likelihoods(tau):
     batch = one_sequence_batch(zs, [1, 1, 0], zt, [0, 1, 0])
     alm = aligner("alm", alm_temperature=tau)
     rows = alm.build_rows(one_sequence_segments([0, 1, 2, 3], [0, 1, 2, 3]), batch)
-    per_row = alm.row_losses(rows, batch, LossSettings())
+    per_row = alm.row_losses(rows, batch, LossConfig())
     per_row.sum().backward()
     assert torch.isfinite(per_row).all() and per_row[0] > 0
     assert per_row[1].abs() < 1e-5  # equal likelihoods, however small
@@ -172,10 +168,10 @@ def test_alm_covers_every_token_of_every_segment(split_tokenizer, merge_tokenize
 # ---------------------------------------------------------------- uld
 
 
-def uld_losses(batch: ScoredBatch, seg: Segments, settings=None, **options):
+def uld_losses(batch: ScoredBatch, seg: BatchSegments, settings=None, **options):
     uld = aligner("uld", **options)
     rows = uld.build_rows(seg, batch)
-    return uld.row_losses(rows, batch, settings or LossSettings())
+    return uld.row_losses(rows, batch, settings or LossConfig())
 
 
 def test_uld_identical_distributions_give_zero(split_tokenizer):
@@ -195,7 +191,8 @@ def test_uld_ignores_which_token_holds_the_mass():
     plain = uld_losses(one_sequence_batch(zs, ids, zt, ids), seg, uld_top_k=8)
     shuffled = uld_losses(one_sequence_batch(zs, ids, permuted, ids), seg, uld_top_k=8)
     torch.testing.assert_close(plain, shuffled)
-    rkl, rkl_shuffled = losses.full_divergence(zs, zt), losses.full_divergence(zs, permuted)
+    rkl = losses.full_divergence(zs, zt, divergence="rkl")
+    rkl_shuffled = losses.full_divergence(zs, permuted, divergence="rkl")
     assert not torch.allclose(rkl, rkl_shuffled, rtol=1e-2)
 
 
@@ -232,7 +229,7 @@ def test_uld_chunked_equals_unchunked():
     for chunk in (1, 4096):
         zs = torch.randn(n, 50, generator=torch.Generator().manual_seed(3), requires_grad=True)
         batch = one_sequence_batch(zs, list(range(n)), zt, list(range(n)))
-        per_row = uld_losses(batch, seg, LossSettings(chunk_rows=chunk), uld_top_k=8)
+        per_row = uld_losses(batch, seg, LossConfig(chunk_rows=chunk), uld_top_k=8)
         per_row.sum().backward()
         results.append((per_row.detach(), zs.grad))
     torch.testing.assert_close(results[0][0], results[1][0])
@@ -243,9 +240,9 @@ def test_uld_rows_sit_at_the_one_to_one_matches():
     # student "1" "2" "+" "3" "=" "1" "5" <eos>, teacher "12" "+" "3" "=" "15" <eos>:
     # 1:1 matches are + 3 = <eos> (student 2 3 4 7, teacher 1 2 3 5), whatever the boundary mode
     by_match = one_sequence_segments([0, 3, 4, 5, 8], [0, 2, 3, 4, 6])
-    by_offset = one_sequence_segments([0, 2, 3, 4, 5, 7, 8], [0, 1, 2, 3, 4, 5, 6])
-    for seg, boundary in ((by_match, "match"), (by_offset, "offset")):
-        rows = aligner("uld", boundary=boundary).build_rows(seg, None)
+    by_offset = one_sequence_segments([0, 2, 3, 4, 5, 7, 8], [0, 1, 2, 3, 4, 5, 6], boundary="offset")
+    for seg in (by_match, by_offset):
+        rows = aligner("uld").build_rows(seg, None)
         assert rows.student_pos.tolist() == rows.s_members.tolist() == [2, 3, 4, 7]
         assert rows.teacher_pos.tolist() == rows.t_members.tolist() == [1, 2, 3, 5]
         assert rows.supervised_student_tokens == 4 and not rows.is_span.any()
@@ -268,9 +265,9 @@ def test_full_pipeline_on_split_and_merge_tokenizers(split_tokenizer, merge_toke
     method = aligner(name)
     rows = method.build_rows(segments, batch)
     assert len(rows) == len(segments.seq)  # one row per segment (per closing 1:1 match for uld)
-    per_row = method.row_losses(rows, batch, LossSettings(form=form, chunk_rows=5))
+    per_row = method.row_losses(rows, batch, LossConfig(form=form, chunk_rows=5))
     assert per_row.shape == (len(rows),) and torch.isfinite(per_row).all()
-    loss = losses.reduce_rows(per_row, rows.weight, segments.n_student_tokens)
+    loss = losses.reduce_rows(per_row, None, segments.n_student_tokens)
     loss.backward()
     assert torch.isfinite(batch.student.logits.grad).all()
     assert batch.teacher.logits.grad is None  # the teacher is a fixed target

@@ -1,4 +1,4 @@
-"""Segments from byte spans and the `exact` aligner, against hand-worked expectations."""
+"""BatchSegments from byte spans and the `exact` aligner, against hand-worked expectations."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from transformers import PreTrainedTokenizerFast
 
 from lightning_opd import losses
 from lightning_opd.align import (
-    LossSettings,
     ScoredBatch,
     ScoredSide,
     TokenizerPair,
@@ -22,6 +21,7 @@ from lightning_opd.align import (
 from lightning_opd.align.base import pack_segments
 from lightning_opd.align.offsets import repair_utf8, segment
 from lightning_opd.align.vocab import gpt2_byte_decoder
+from lightning_opd.config import LossConfig
 
 
 def byte_level_tokenizer(merges: list[tuple[str, str]], split_digits: bool) -> PreTrainedTokenizerFast:
@@ -58,13 +58,13 @@ def test_hand_made_pair_segments_and_exact_rows(hand_pair):
     out = segment_responses(hand_pair, [s_ids], [True])
     t_ids = out.teacher_ids[0]
     assert pieces(hand_pair.teacher, t_ids) == ["12", "+", "3", "=", "15", "<eos>"]
-    seg = out.segments[0]
+    seg = out.per_response[0]
     # A segment closes at each 1:1 match and includes it: "1" "2" vs "12" is no match, so the
     # first segment runs to the "+" that closes it. [1 2 +]|[12 +]  [3]|[3]  [=]|[=]  [1 5 eos]|[15 eos]
     assert seg.s_bounds.tolist() == [0, 3, 4, 5, 8]
     assert seg.t_bounds.tolist() == [0, 2, 3, 4, 6]
 
-    segments = pack_segments(out.segments, np.array([0, 8]), np.array([0, 6]))
+    segments = pack_segments(out.per_response, np.array([0, 8]), np.array([0, 6]))
     fake = ScoredSide(torch.zeros(8, 3), torch.tensor(s_ids + [0]), torch.tensor([0, 8]))
     batch = ScoredBatch(fake, fake, hand_pair.vocab)
     rows = build_aligner("exact").build_rows(segments, batch)
@@ -91,7 +91,7 @@ def test_split_multibyte_character_does_not_desynchronise(hand_pair):
     assert len(s_ids) == len(text.encode())  # "÷" is two byte tokens
     out = segment_responses(hand_pair, [s_ids], [True])
     assert pieces(hand_pair.teacher, out.teacher_ids[0]) == ["a", "Ã·", "b", "Ġ", "12", "<eos>"]
-    seg = out.segments[0]
+    seg = out.per_response[0]
     # the student's two bytes of "÷" and the teacher's one token fall in one segment (closed by
     # the matching "b"); everything after it still matches: a | Ã · b | Ġ | 1 2 eos
     assert np.diff(seg.s_bounds).tolist() == [1, 3, 1, 3]
@@ -104,7 +104,7 @@ def test_invalid_utf8_sample_is_unsupervised_and_later_tokens_still_match(hand_p
     half = hand_pair.student("÷", add_special_tokens=False)["input_ids"][:1]  # half a character
     tail = hand_pair.student("+3=3", add_special_tokens=False)["input_ids"]
     out = segment_responses(hand_pair, [ok + half + tail], [True])
-    seg = out.segments[0]
+    seg = out.per_response[0]
     assert "\ufffd" in out.texts[0]
     assert seg.n_invalid == 1
     # x matches; the bad byte is folded into the next segment, which is invalid; the rest match
@@ -118,7 +118,7 @@ def test_identical_tokenizers_take_the_identity_path(split_tokenizer):
     ids = split_tokenizer("7+5=12 #### 12", add_special_tokens=False)["input_ids"]
     out = segment_responses(pair, [ids], [True])
     assert out.teacher_ids[0] == ids + [split_tokenizer.eos_token_id]
-    assert np.diff(out.segments[0].s_bounds).tolist() == [1] * (len(ids) + 1)
+    assert np.diff(out.per_response[0].s_bounds).tolist() == [1] * (len(ids) + 1)
 
 
 def test_exact_on_identical_tokenizers_equals_plain_full_vocabulary_opd(split_tokenizer):
@@ -133,10 +133,11 @@ def test_exact_on_identical_tokenizers_equals_plain_full_vocabulary_opd(split_to
     zt = torch.randn(sum(lengths), vocab)
     ids = torch.tensor(sum(out.teacher_ids, []))
     batch = ScoredBatch(ScoredSide(zs, ids, offsets), ScoredSide(zt, ids, offsets), pair.vocab)
-    segments = pack_segments(out.segments, offsets.numpy(), offsets.numpy())
+    segments = pack_segments(out.per_response, offsets.numpy(), offsets.numpy())
     aligner = build_aligner("exact")
     rows = aligner.build_rows(segments, batch)
-    loss = losses.reduce_rows(aligner.row_losses(rows, batch, LossSettings()), None, segments.n_student_tokens)
+    per_row = aligner.row_losses(rows, batch, LossConfig(divergence="rkl"))
+    loss = losses.reduce_rows(per_row, None, segments.n_student_tokens)
     # plain OPD: reverse KL at every response position over the whole vocabulary, token mean
     log_s, log_t = zs.log_softmax(-1), zt.log_softmax(-1)
     plain = (log_s.exp() * (log_s - log_t)).sum(-1).mean()
@@ -154,7 +155,7 @@ def test_segments_cover_the_same_bytes_on_both_sides(split_tokenizer, merge_toke
     pair = TokenizerPair.build(split_tokenizer, merge_tokenizer)
     s_ids = split_tokenizer(text, add_special_tokens=False)["input_ids"]
     out = segment_responses(pair, [s_ids], [True])
-    seg = out.segments[0]
+    seg = out.per_response[0]
     t_ids = out.teacher_ids[0][:-1]
     s_b = [pair.student_bytes.table[i] for i in s_ids] + [b""]
     t_b = [pair.teacher_bytes.table[i] for i in t_ids] + [b""]

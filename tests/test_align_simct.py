@@ -13,19 +13,20 @@ from hypothesis import strategies as st
 
 from lightning_opd import losses
 from lightning_opd.align import (
-    LossSettings,
+    BatchSegments,
     ScoredBatch,
     ScoredSide,
-    Segments,
     TokenizerPair,
+    align_batch,
     build_aligner,
     segment_responses,
 )
-from lightning_opd.align.base import pack_segments
 from lightning_opd.align.offsets import segment
 from lightning_opd.align.random_span import merge_into_spans
+from lightning_opd.config import AlignerConfig, LossConfig
 from tests.test_align_exact import byte_level_tokenizer
 
+RKL = LossConfig(divergence="rkl")  # the divergence the hand-worked expectations use
 ARITHMETIC = ["12+345=357 #### 357", "7*8=56\n", "What is 12+7?", "1000-1=999"]
 ARITHMETIC_EOS = [True, True, False, True]
 
@@ -43,10 +44,10 @@ def split_merge_pair(split_tokenizer, merge_tokenizer) -> TokenizerPair:
 
 
 def scored(pair: TokenizerPair, texts: list[str], eos: list[bool], seed: int = 0,
-           boundary: str = "match") -> tuple[ScoredBatch, Segments]:  # fmt: skip
+           boundary: str = "match") -> tuple[ScoredBatch, BatchSegments]:  # fmt: skip
     """Random logits for both sides of the given responses, and their packed segments."""
     s_ids = [pair.student(t, add_special_tokens=False)["input_ids"] for t in texts]
-    out = segment_responses(pair, s_ids, eos, boundary=boundary)
+    out = align_batch(pair, s_ids, eos, boundary=boundary)
     s_full = [ids + [pair.student.eos_token_id] * e for ids, e in zip(s_ids, eos, strict=True)]
     s_off = np.cumsum([0] + [len(x) for x in s_full])
     t_off = np.cumsum([0] + [len(x) for x in out.teacher_ids])
@@ -55,10 +56,10 @@ def scored(pair: TokenizerPair, texts: list[str], eos: list[bool], seed: int = 0
     zt = 2 * torch.randn(int(t_off[-1]), len(pair.teacher), generator=gen)
     student = ScoredSide(zs, torch.tensor(sum(s_full, [])), torch.from_numpy(s_off))
     teacher = ScoredSide(zt, torch.tensor(sum(out.teacher_ids, [])), torch.from_numpy(t_off))
-    return ScoredBatch(student, teacher, pair.vocab), pack_segments(out.segments, s_off, t_off)
+    return ScoredBatch(student, teacher, pair.vocab), out.segments
 
 
-def reference_simct(batch: ScoredBatch, seg: Segments, span_logit: str, tau: float) -> torch.Tensor:
+def reference_simct(batch: ScoredBatch, seg: BatchSegments, span_logit: str, tau: float) -> torch.Tensor:
     """Reverse KL per segment, straight from the formulas (float64, one segment at a time)."""
     vocab = batch.vocab
     support = list(zip(vocab.student_ids.tolist(), vocab.teacher_ids.tolist(), strict=True))
@@ -90,9 +91,9 @@ def reference_simct(batch: ScoredBatch, seg: Segments, span_logit: str, tau: flo
 
 
 def check_against_reference(batch, seg, span_logit, tau):
-    aligner = build_aligner("simct", span_logit=span_logit, boundary="match", ratio=0.3)
+    aligner = build_aligner(AlignerConfig(name="simct", span_logit=span_logit, ratio=0.3))
     rows = aligner.build_rows(seg, None)
-    got = aligner.row_losses(rows, batch, LossSettings(temperature=tau, chunk_rows=3))
+    got = aligner.row_losses(rows, batch, LossConfig(divergence="rkl", temperature=tau, chunk_rows=3))
     want = reference_simct(batch, seg, span_logit, tau)
     torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
     (grad_got,) = torch.autograd.grad(got.sum(), batch.student.logits)
@@ -127,7 +128,7 @@ def test_hand_rows_of_12_plus_3_with_eos(hand_pair):
     assert rows.supervised_student_tokens == 8  # coverage 8/8 (exact: 2/8)
     zs, zt = batch.student.logits.detach(), batch.teacher.logits
     s, t = batch.student.ids.tolist(), batch.teacher.ids.tolist()
-    student_slot, teacher_slot = aligner.span_slots(rows, batch, LossSettings())
+    student_slot, teacher_slot = aligner.span_slots(rows, batch, RKL)
     hand_s = [
         (zs[0, s[0]] + zs[1, s[1]] + zs[2, s[2]]) / 3,
         (zs[5, s[5]] + zs[6, s[6]] + zs[7, s[7]]) / 3,
@@ -140,9 +141,9 @@ def test_hand_rows_of_12_plus_3_with_eos(hand_pair):
 
 def test_mean_logprob_slot_is_the_hand_computed_mean_log_probability(hand_pair):
     batch, seg = scored(hand_pair, ["12+3=15"], [True])
-    aligner = build_aligner("simct", span_logit="mean_logprob")
+    aligner = build_aligner(AlignerConfig(name="simct", span_logit="mean_logprob"))
     rows = aligner.build_rows(seg, None)
-    student_slot, teacher_slot = aligner.span_slots(rows, batch, LossSettings())
+    student_slot, teacher_slot = aligner.span_slots(rows, batch, RKL)
 
     def log_prob(z: torch.Tensor, k: int, token: int) -> float:
         row = z[k].tolist()
@@ -164,10 +165,10 @@ def test_identical_tokenizers_make_every_aligner_plain_opd(split_tokenizer):
     log_s, log_t = batch.student.logits.log_softmax(-1), batch.teacher.logits.log_softmax(-1)
     plain = (log_s.exp() * (log_s - log_t)).sum(-1).mean()  # every position, full vocabulary
     for name in ("exact", "simct", "simct_1to1", "random_span"):
-        aligner = build_aligner(name, ratio=0.0)
+        aligner = build_aligner(AlignerConfig(name=name, ratio=0.0))
         rows = aligner.build_rows(seg, None)
         loss = losses.reduce_rows(
-            aligner.row_losses(rows, batch, LossSettings()), None, seg.n_student_tokens
+            aligner.row_losses(rows, batch, RKL), None, seg.n_student_tokens
         )
         torch.testing.assert_close(loss, plain, msg=name)
 
@@ -181,7 +182,7 @@ def test_simct_1to1_keeps_the_match_that_closes_each_span(hand_pair):
     # with offset boundaries a 1:1 match is its own segment: simct_1to1 is exact
     _, seg_off = scored(hand_pair, ["12+3=15"], [True], boundary="offset")
     one, ex = (
-        build_aligner("simct_1to1", boundary="offset").build_rows(seg_off, None),
+        build_aligner("simct_1to1").build_rows(seg_off, None),  # seg_off records its boundary
         build_aligner("exact").build_rows(seg_off, None),
     )
     assert one.student_pos.tolist() == ex.student_pos.tolist() == [2, 3, 4, 7]
@@ -197,9 +198,7 @@ def test_exact_rows_are_simct_shared_token_rows_and_simct_covers_valid_segments(
     split_merge_pair, text, eos
 ):
     s_ids = split_merge_pair.student(text, add_special_tokens=False)["input_ids"]
-    out = segment_responses(split_merge_pair, [s_ids], [eos])
-    n_t = len(out.teacher_ids[0])
-    seg = pack_segments(out.segments, np.array([0, len(s_ids) + eos]), np.array([0, n_t]))
+    seg = align_batch(split_merge_pair, [s_ids], [eos]).segments
     exact, simct = (
         build_aligner("exact").build_rows(seg, None),
         build_aligner("simct").build_rows(seg, None),
@@ -222,7 +221,7 @@ def test_exact_rows_are_simct_shared_token_rows_and_simct_covers_valid_segments(
 
 def test_random_span_ratio_zero_is_simct(split_merge_pair):
     batch, seg = scored(split_merge_pair, ARITHMETIC, ARITHMETIC_EOS, seed=3)
-    simct, random_span = build_aligner("simct"), build_aligner("random_span", ratio=0.0)
+    simct, random_span = build_aligner("simct"), build_aligner(AlignerConfig(name="random_span", ratio=0.0))
     a, b = simct.build_rows(seg, None), random_span.build_rows(seg, None)
     for field in (
         "student_pos",
@@ -234,7 +233,7 @@ def test_random_span_ratio_zero_is_simct(split_merge_pair):
     ):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
     torch.testing.assert_close(
-        random_span.row_losses(b, batch, LossSettings()), simct.row_losses(a, batch, LossSettings())
+        random_span.row_losses(b, batch, RKL), simct.row_losses(a, batch, RKL)
     )
 
 
@@ -252,7 +251,7 @@ def test_random_span_merges_every_mergeable_row_at_ratio_one_and_keeps_coverage(
         merged.is_shared_token & successor
     ).any()  # only units with nothing after them stay single
     for ratio in (0.3, 1.0):
-        rows = build_aligner("random_span", ratio=ratio).build_rows(seg, None)
+        rows = build_aligner(AlignerConfig(name="random_span", ratio=ratio)).build_rows(seg, None)
         simct = build_aligner("simct").build_rows(seg, None)
         assert sorted(rows.s_members.tolist()) == sorted(simct.s_members.tolist())
         assert sorted(rows.t_members.tolist()) == sorted(simct.t_members.tolist())
@@ -276,8 +275,8 @@ def test_random_span_joins_each_chosen_segment_with_the_one_after_it(hand_pair, 
 def test_random_span_is_deterministic_for_a_seed_and_advances_per_call(split_merge_pair):
     _, seg = scored(split_merge_pair, ARITHMETIC * 3, ARITHMETIC_EOS * 3)
     first, second = (
-        build_aligner("random_span", ratio=0.5, seed=7),
-        build_aligner("random_span", ratio=0.5, seed=7),
+        build_aligner(AlignerConfig(name="random_span", ratio=0.5), seed=7),
+        build_aligner(AlignerConfig(name="random_span", ratio=0.5), seed=7),
     )
     calls_a = [first.build_rows(seg, None).student_pos for _ in range(2)]
     calls_b = [second.build_rows(seg, None).student_pos for _ in range(2)]
@@ -287,7 +286,7 @@ def test_random_span_is_deterministic_for_a_seed_and_advances_per_call(split_mer
 
 def test_offset_boundaries_on_the_hand_pair(hand_pair):
     s_ids = hand_pair.student("12+3=15", add_special_tokens=False)["input_ids"]
-    seg = segment_responses(hand_pair, [s_ids], [True], boundary="offset").segments[0]
+    seg = segment_responses(hand_pair, [s_ids], [True], boundary="offset").per_response[0]
     # [1 2]|[12]  [+]|[+]  [3]|[3]  [=]|[=]  [1 5]|[15]  [eos]|[eos]
     assert seg.s_bounds.tolist() == [0, 2, 3, 4, 5, 7, 8]
     assert seg.t_bounds.tolist() == [0, 1, 2, 3, 4, 5, 6]
@@ -298,8 +297,8 @@ def test_offset_boundaries_on_the_hand_pair(hand_pair):
 def test_offset_boundaries_leave_only_the_invalid_byte_unsupervised(hand_pair):
     ids = [hand_pair.student(p, add_special_tokens=False)["input_ids"] for p in ("x", "÷", "+3=3")]
     student = ids[0] + ids[1][:1] + ids[2]  # "x", half of "÷", "+3=3"
-    match = segment_responses(hand_pair, [student], [True]).segments[0]
-    offset = segment_responses(hand_pair, [student], [True], boundary="offset").segments[0]
+    match = segment_responses(hand_pair, [student], [True]).per_response[0]
+    offset = segment_responses(hand_pair, [student], [True], boundary="offset").per_response[0]
     assert match.s_bounds.tolist() == [0, 1, 3, 4, 5, 6, 7]  # the bad byte takes "+" with it
     assert offset.s_bounds.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]  # it closes on its own U+FFFD
     assert offset.valid.tolist() == [True, False, True, True, True, True, True]
@@ -321,9 +320,9 @@ def test_zero_length_tokens_fold_into_the_next_segment_in_both_modes():
 @given(text=text_strategy)
 def test_offset_segments_refine_match_segments(split_merge_pair, text):
     s_ids = split_merge_pair.student(text, add_special_tokens=False)["input_ids"]
-    match = segment_responses(split_merge_pair, [s_ids], [True]).segments[0]
+    match = segment_responses(split_merge_pair, [s_ids], [True]).per_response[0]
     out = segment_responses(split_merge_pair, [s_ids], [True], boundary="offset")
-    offset = out.segments[0]
+    offset = out.per_response[0]
     match_bounds = set(zip(match.s_bounds.tolist(), match.t_bounds.tolist(), strict=True))
     assert match_bounds <= set(zip(offset.s_bounds.tolist(), offset.t_bounds.tolist(), strict=True))
     s_bytes = [split_merge_pair.student_bytes.table[i] for i in s_ids] + [b""]
@@ -337,7 +336,7 @@ def test_sampled_form_span_advantage_is_summed_teacher_minus_student_logprobs(ha
     batch, seg = scored(hand_pair, ["12+3=15"], [True])
     aligner = build_aligner("simct")
     rows = aligner.build_rows(seg, None)
-    per_row = aligner.row_losses(rows, batch, LossSettings(form="sampled"))
+    per_row = aligner.row_losses(rows, batch, LossConfig(form="sampled"))
     zs, zt = batch.student.logits, batch.teacher.logits
     s, t = batch.student.ids, batch.teacher.ids
     student_lp = zs.detach().log_softmax(-1)[torch.arange(3), s[:3]].sum()  # "1" "2" "+"

@@ -24,7 +24,7 @@ def both(pair: TokenizerPair, text: str):
     s_ids = pair.student(text, add_special_tokens=False)["input_ids"]
     out = segment_responses(pair, [s_ids], [True])
     t_ids = out.teacher_ids[0][:-1]  # without the EOS segment_responses appended
-    return naive_segments(pair.student, pair.teacher, s_ids, t_ids, True), fast_segments(out.segments[0])
+    return naive_segments(pair.student, pair.teacher, s_ids, t_ids, True), fast_segments(out.per_response[0])
 
 
 def test_naive_reference_finds_the_hand_worked_segments(hand_pair):

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from lightning_opd import losses
-from lightning_opd.align import LossSettings, ScoredBatch, ScoredSide, TokenizerPair, build_aligner
-from lightning_opd.align.base import pack_segments
-from lightning_opd.align.pairing import segment_responses
+from lightning_opd.align import ScoredBatch, ScoredSide, TokenizerPair, align_batch, build_aligner
+from lightning_opd.config import AlignerConfig, LossConfig
 
 TEXTS = ["12+345=357 #### 357", "7*8=56\nWhat is 120+7? 127", "1000-1=999 and 250+250=500", "3+4=7"]
 CHUNKS = (1, 7, 4096)
@@ -36,7 +35,7 @@ def pair(split_tokenizer, merge_tokenizer) -> TokenizerPair:
 def scored(pair: TokenizerPair, dtype=torch.float32, seed: int = 0):
     """Random logits for the responses TEXTS (all ended with EOS), and their packed segments."""
     s_ids = [pair.student(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
-    out = segment_responses(pair, s_ids, [True] * len(TEXTS))
+    out = align_batch(pair, s_ids, [True] * len(TEXTS))
     s_full = [ids + [pair.student.eos_token_id] for ids in s_ids]
     s_off = np.cumsum([0] + [len(x) for x in s_full])
     t_off = np.cumsum([0] + [len(x) for x in out.teacher_ids])
@@ -45,7 +44,7 @@ def scored(pair: TokenizerPair, dtype=torch.float32, seed: int = 0):
     zt = 3 * torch.randn(int(t_off[-1]), len(pair.teacher), generator=gen)
     student = ScoredSide(zs.to(dtype).requires_grad_(), torch.tensor(sum(s_full, [])), torch.from_numpy(s_off))
     teacher = ScoredSide(zt.to(dtype), torch.tensor(sum(out.teacher_ids, [])), torch.from_numpy(t_off))
-    return ScoredBatch(student, teacher, pair.vocab), pack_segments(out.segments, s_off, t_off)
+    return ScoredBatch(student, teacher, pair.vocab), out.segments
 
 
 # --- the reference: float64, one row at a time, straight from the formulas ---------------------
@@ -122,13 +121,13 @@ def weighted(per_row: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(("kind", "beta", "tau"), [("rkl", 0.5, 1.0), ("fkl", 0.5, 1.0), ("jsd", 0.3, 2.0)])
 def test_chunked_losses_and_gradients_match_the_reference(pair, name, options, kind, beta, tau):
     batch, seg = scored(pair)
-    aligner = build_aligner(name, **options)
+    aligner = build_aligner(AlignerConfig(name=name, **options))
     rows = aligner.build_rows(seg, batch)  # built once: random_span draws its merges here
     assert len(rows) > 7 and bool(rows.is_span.any()) == (name not in ("exact", "simct_1to1", "uld"))
     want = reference(name, options, rows, batch, kind, beta, tau)
     (grad_want,) = torch.autograd.grad(weighted(want), batch.student.logits)
     for chunk in CHUNKS:
-        settings = LossSettings(divergence=kind, beta=beta, temperature=tau, chunk_rows=chunk)
+        settings = LossConfig(divergence=kind, beta=beta, temperature=tau, chunk_rows=chunk)
         got = aligner.row_losses(rows, batch, settings)
         assert got.dtype == torch.float32 and got.shape == (len(rows),)
         torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5, msg=f"chunk_rows={chunk}")
@@ -149,12 +148,12 @@ def test_the_reference_is_not_trivially_equal_across_divergences(pair):
 def test_bf16_logits_give_a_float32_loss_close_to_the_float32_one(pair, name, options):
     batch32, seg = scored(pair, torch.float32)
     batch16, _ = scored(pair, torch.bfloat16)
-    aligner = build_aligner(name, **options)
+    aligner = build_aligner(AlignerConfig(name=name, **options))
     rows = aligner.build_rows(seg, batch32)
     n = seg.n_student_tokens
-    settings = LossSettings(divergence="fkl", chunk_rows=7)
-    loss32 = losses.reduce_rows(aligner.row_losses(rows, batch32, settings), rows.weight, n)
-    loss16 = losses.reduce_rows(aligner.row_losses(rows, batch16, settings), rows.weight, n)
+    settings = LossConfig(divergence="fkl", chunk_rows=7)
+    loss32 = losses.reduce_rows(aligner.row_losses(rows, batch32, settings), None, n)
+    loss16 = losses.reduce_rows(aligner.row_losses(rows, batch16, settings), None, n)
     assert loss16.dtype == torch.float32 and math.isfinite(float(loss16.detach()))
     # the same bf16 values upcast first: the math runs in float32 either way, so (almost) equal
     upcast = ScoredBatch(
@@ -162,7 +161,7 @@ def test_bf16_logits_give_a_float32_loss_close_to_the_float32_one(pair, name, op
         ScoredSide(batch16.teacher.logits.float(), batch16.teacher.ids, batch16.teacher.offsets),
         batch16.vocab,
     )
-    loss_upcast = losses.reduce_rows(aligner.row_losses(rows, upcast, settings), rows.weight, n)
+    loss_upcast = losses.reduce_rows(aligner.row_losses(rows, upcast, settings), None, n)
     torch.testing.assert_close(loss16.detach(), loss_upcast, rtol=1e-5, atol=1e-6)
     # bf16 keeps 8 bits of mantissa: logits of size ~3 move by ~1e-2, the loss by about as much
     torch.testing.assert_close(loss16.detach(), loss32.detach(), rtol=3e-2, atol=3e-2)

@@ -101,6 +101,33 @@ def test_cli_exits_2_with_a_one_line_message_on_unknown_key(capsys):
     assert "optim.lrr" in err and len(err.splitlines()) == 1
 
 
+# every check that reads more than one value or an aligner option: `lightning-opd config` catches
+# it (it used to surface only in OPDModule.setup or an aligner's constructor)
+CROSS_FIELD = [
+    (["aligner.ratio=1.5"], "aligner.ratio"),
+    (["aligner.alm_temperature=0"], "aligner.alm_temperature"),
+    (["aligner.name=nope"], "aligner.name"),
+    (["aligner.span_logit=max_logit"], "aligner.span_logit"),
+    (["loss.temperature=0"], "loss.temperature"),
+    (["tools.enabled=true", "rollout.engine=vllm"], "rollout.engine=vllm"),
+    (["tools.enabled=true", "trainer.strategy=fsdp", "trainer.devices=2"], "tools.enabled=true with trainer.strategy=fsdp"),
+    (["tools.enabled=true", "trainer.strategy=fsdp", "trainer.num_nodes=2"], "tools.enabled=true with trainer.strategy=fsdp"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), CROSS_FIELD, ids=lambda x: str(x))
+def test_config_command_exits_2_on_a_bad_combination_naming_the_key(capsys, overrides, key):
+    code = main(["config", str(ROOT / "configs/experiment/default.yaml"), *overrides])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert key in err and len(err.splitlines()) == 1
+
+
+def test_tools_with_fsdp_on_one_device_and_without_tools_are_accepted():
+    load(overrides=["tools.enabled=true", "trainer.strategy=fsdp", "trainer.devices=1"])
+    load(overrides=["trainer.strategy=fsdp", "trainer.devices=2"])
+
+
 def test_schema_sections_are_dataclasses():
     for f in dataclasses.fields(Config):
         if f.name != "experiment":

@@ -180,7 +180,7 @@ def check_segments(pair: TokenizerPair, text: str) -> None:
     """Both sides of every segment spell the same bytes; segments partition both sides."""
     s_ids = encode(pair.student, text)
     out = segment_responses(pair, [s_ids], [True])
-    seg, t_ids, response = out.segments[0], out.teacher_ids[0], out.texts[0].encode("utf-8")
+    seg, t_ids, response = out.per_response[0], out.teacher_ids[0], out.texts[0].encode("utf-8")
     assert pair.student_bytes.join(s_ids) == response
     if seg is None:  # only where the teacher's normaliser changed the text
         assert pair.teacher_bytes.join(t_ids[:-1]) != response
@@ -263,16 +263,14 @@ def stays_synchronised(supervised: np.ndarray) -> bool:
 
 @pytest.mark.parametrize("student,teacher", [("qwen2.5", "gpt2"), ("gpt2", "deepseek")])
 def test_long_split_character_text_stays_aligned(pair_of, student, teacher):
-    from lightning_opd.align import build_aligner
-    from lightning_opd.align.base import pack_segments
+    from lightning_opd.align import align_batch, build_aligner
 
     pair = pair_of(student, teacher)
     text = split_character_text(21_000, pair.student)  # line counts overestimate a little
     s_ids = encode(pair.student, text)
     assert len(s_ids) >= 20_000
-    out = segment_responses(pair, [s_ids], [True])
-    t_ids = out.teacher_ids[0]
-    segments = pack_segments(out.segments, np.array([0, len(s_ids) + 1]), np.array([0, len(t_ids)]))
+    out = align_batch(pair, [s_ids], [True])
+    t_ids, segments = out.teacher_ids[0], out.segments
     rows = build_aligner("exact").build_rows(segments, None)
     supervised = np.zeros(len(s_ids) + 1, bool)
     supervised[rows.s_members.numpy()] = True
@@ -292,7 +290,7 @@ def test_half_a_character_sampled_by_the_student_does_not_shift_the_rest(pair_of
     head, tail = encode(pair.student, " ÷"), encode(pair.student, " and 12 more words here")
     assert len(head) == 2  # ' ÷' is two byte tokens in GPT-2
     s_ids = encode(pair.student, "Before") + head[:1] + tail
-    seg = segment_responses(pair, [s_ids], [True]).segments[0]
+    seg = segment_responses(pair, [s_ids], [True]).per_response[0]
     assert seg is not None and seg.n_invalid == 1
     closed_after = seg.s_bounds[seg.valid.nonzero()[0] + 1]
     assert closed_after.max() == len(s_ids) + 1  # the tail and EOS are still aligned

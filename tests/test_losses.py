@@ -76,7 +76,7 @@ def test_hand_computed_values() -> None:
     kl_s_m = 0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1])
     jsd = 0.5 * kl_t_m + 0.5 * kl_s_m
     for kind, expected in (("rkl", rkl), ("fkl", fkl), ("jsd", jsd)):
-        got = full_divergence(student, teacher, kind=kind, beta=0.5)
+        got = full_divergence(student, teacher, divergence=kind, beta=0.5)
         assert got.shape == (1,) and got.dtype == torch.float32
         assert got.item() == pytest.approx(expected, abs=1e-6), kind
     assert rkl != pytest.approx(fkl)  # the example does tell the directions apart
@@ -91,7 +91,7 @@ def test_registry_names() -> None:
 def test_identical_distributions_give_zero(pair, kind, beta) -> None:
     student, _ = pair
     shifted = student + 3.0  # same softmax, different logits
-    got = full_divergence(student, shifted, kind=kind, beta=beta)
+    got = full_divergence(student, shifted, divergence=kind, beta=beta)
     assert torch.allclose(got, torch.zeros_like(got), atol=1e-5)
 
 
@@ -99,9 +99,9 @@ def test_identical_distributions_give_zero(pair, kind, beta) -> None:
 @given(pair=logit_pairs(), beta=st.floats(0.01, 0.99))
 def test_non_negative_and_jsd_bounded(pair, beta) -> None:
     student, teacher = pair
-    assert (full_divergence(student, teacher, kind="rkl") >= -1e-6).all()
-    assert (full_divergence(student, teacher, kind="fkl") >= -1e-6).all()
-    jsd = full_divergence(student, teacher, kind="jsd", beta=beta)
+    assert (full_divergence(student, teacher, divergence="rkl") >= -1e-6).all()
+    assert (full_divergence(student, teacher, divergence="fkl") >= -1e-6).all()
+    jsd = full_divergence(student, teacher, divergence="jsd", beta=beta)
     # M >= beta p_T and M >= (1-beta) p_S  =>  JSD_beta <= H(beta) <= log 2
     entropy_bound = -beta * math.log(beta) - (1 - beta) * math.log(1 - beta)
     assert (jsd >= -1e-6).all()
@@ -112,10 +112,10 @@ def test_non_negative_and_jsd_bounded(pair, beta) -> None:
 @given(pair=logit_pairs())
 def test_beta_endpoints_and_kl_div_reference(pair) -> None:
     student, teacher = pair
-    rkl = full_divergence(student, teacher, kind="rkl")
-    fkl = full_divergence(student, teacher, kind="fkl")
-    torch.testing.assert_close(full_divergence(student, teacher, kind="jsd", beta=0.0), fkl)
-    torch.testing.assert_close(full_divergence(student, teacher, kind="jsd", beta=1.0), rkl)
+    rkl = full_divergence(student, teacher, divergence="rkl")
+    fkl = full_divergence(student, teacher, divergence="fkl")
+    torch.testing.assert_close(full_divergence(student, teacher, divergence="jsd", beta=0.0), fkl)
+    torch.testing.assert_close(full_divergence(student, teacher, divergence="jsd", beta=1.0), rkl)
     log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
     # kl_div(input, target) = KL(target || input): input=log p_T, target=log p_S is reverse KL
     reference = F.kl_div(log_t, log_s, log_target=True, reduction="none").sum(-1)
@@ -130,7 +130,7 @@ def test_beta_endpoints_and_kl_div_reference(pair) -> None:
 )
 def test_matches_slow_reference(pair, kind, beta) -> None:
     student, teacher = pair
-    got = full_divergence(student, teacher, kind=kind, beta=beta)
+    got = full_divergence(student, teacher, divergence=kind, beta=beta)
     for row in range(student.shape[0]):
         expected = slow_divergence(student[row].tolist(), teacher[row].tolist(), kind, beta)
         assert got[row].item() == pytest.approx(expected, rel=1e-3, abs=1e-5)
@@ -139,11 +139,11 @@ def test_matches_slow_reference(pair, kind, beta) -> None:
 def test_jsd_near_endpoints_is_continuous_with_formula_not_the_convention() -> None:
     student, teacher = hand_example()
     s_row, t_row = student[0].tolist(), teacher[0].tolist()
-    fkl = full_divergence(student, teacher, kind="fkl").item()
-    rkl = full_divergence(student, teacher, kind="rkl").item()
+    fkl = full_divergence(student, teacher, divergence="fkl").item()
+    rkl = full_divergence(student, teacher, divergence="rkl").item()
     for beta in (1e-2, 1e-3, 1e-4):
-        near_zero = full_divergence(student, teacher, kind="jsd", beta=beta).item()
-        near_one = full_divergence(student, teacher, kind="jsd", beta=1 - beta).item()
+        near_zero = full_divergence(student, teacher, divergence="jsd", beta=beta).item()
+        near_one = full_divergence(student, teacher, divergence="jsd", beta=1 - beta).item()
         # fp32 cancellation leaves ~1e-7 absolute error, far below the values compared
         assert near_zero == pytest.approx(slow_divergence(s_row, t_row, "jsd", beta), abs=2e-7)
         assert near_one == pytest.approx(slow_divergence(s_row, t_row, "jsd", 1 - beta), abs=2e-7)
@@ -155,7 +155,7 @@ def test_gradient_matches_kl_div_reference() -> None:
     torch.manual_seed(0)
     student = torch.randn(3, 5, requires_grad=True)
     teacher = torch.randn(3, 5)
-    full_divergence(student, teacher, kind="rkl").sum().backward()
+    full_divergence(student, teacher, divergence="rkl").sum().backward()
     ours = student.grad.clone()
     student.grad = None
     F.kl_div(
@@ -178,12 +178,12 @@ def test_masked_column_changes_nothing(kind: str, beta: float) -> None:
     masked = torch.full((4, 1), float("-inf"))
 
     plain = student.clone().requires_grad_(True)
-    value = full_divergence(plain, teacher, kind=kind, beta=beta)
+    value = full_divergence(plain, teacher, divergence=kind, beta=beta)
     value.sum().backward()
 
     padded = torch.cat([student, masked], dim=1).requires_grad_(True)
     padded_value = full_divergence(
-        padded, torch.cat([teacher, masked], dim=1), kind=kind, beta=beta
+        padded, torch.cat([teacher, masked], dim=1), divergence=kind, beta=beta
     )
     padded_value.sum().backward()
 
@@ -198,7 +198,7 @@ def test_masked_column_changes_nothing(kind: str, beta: float) -> None:
 def test_fully_masked_row_is_zero_without_nan(kind: str) -> None:
     student = torch.tensor([[0.0, 1.0], [float("-inf"), float("-inf")]], requires_grad=True)
     teacher = torch.tensor([[1.0, 0.0], [float("-inf"), float("-inf")]])
-    value = full_divergence(student, teacher, kind=kind)
+    value = full_divergence(student, teacher, divergence=kind)
     value.sum().backward()
     assert value[1].item() == 0.0 and value[0].item() > 0
     assert torch.isfinite(student.grad).all() and (student.grad[1] == 0).all()
@@ -207,9 +207,9 @@ def test_fully_masked_row_is_zero_without_nan(kind: str) -> None:
 def test_teacher_only_mask_under_student_mass_is_infinite_rkl() -> None:
     student = torch.tensor([[0.0, 0.0]])
     teacher = torch.tensor([[0.0, float("-inf")]])
-    assert full_divergence(student, teacher, kind="rkl").item() == math.inf
+    assert full_divergence(student, teacher, divergence="rkl").item() == math.inf
     # the student has mass everywhere the teacher does, so forward KL stays finite
-    assert full_divergence(student, teacher, kind="fkl").item() == pytest.approx(math.log(2))
+    assert full_divergence(student, teacher, divergence="fkl").item() == pytest.approx(math.log(2))
 
 
 @FAST
@@ -217,16 +217,16 @@ def test_teacher_only_mask_under_student_mass_is_infinite_rkl() -> None:
 def test_temperature_scales_logits(pair, kind, temperature) -> None:
     student, teacher = pair
     torch.testing.assert_close(
-        full_divergence(student, teacher, kind=kind, temperature=temperature),
-        full_divergence(student / temperature, teacher / temperature, kind=kind),
+        full_divergence(student, teacher, divergence=kind, temperature=temperature),
+        full_divergence(student / temperature, teacher / temperature, divergence=kind),
     )
 
 
 def test_temperature_two_explicit() -> None:
     student, teacher = hand_example()
-    got = full_divergence(student, teacher, temperature=2.0)
-    assert got.item() == pytest.approx(full_divergence(student / 2, teacher / 2).item())
-    assert got.item() != pytest.approx(full_divergence(student, teacher).item())
+    got = full_divergence(student, teacher, divergence="rkl", temperature=2.0)
+    assert got.item() == pytest.approx(full_divergence(student / 2, teacher / 2, divergence="rkl").item())
+    assert got.item() != pytest.approx(full_divergence(student, teacher, divergence="rkl").item())
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -234,7 +234,7 @@ def test_teacher_gets_no_gradient(kind: str) -> None:
     torch.manual_seed(2)
     student = torch.randn(2, 4, requires_grad=True)
     teacher = torch.randn(2, 4, requires_grad=True)
-    full_divergence(student, teacher, kind=kind).sum().backward()
+    full_divergence(student, teacher, divergence=kind).sum().backward()
     assert teacher.grad is None or (teacher.grad == 0).all()
     assert student.grad is not None and student.grad.abs().sum() > 0
 
@@ -243,14 +243,14 @@ def test_teacher_gets_no_gradient(kind: str) -> None:
 def test_bf16_inputs_give_float32_close_to_fp32(kind: str) -> None:
     torch.manual_seed(3)
     student, teacher = torch.randn(6, 32), torch.randn(6, 32)
-    got = full_divergence(student.bfloat16(), teacher.bfloat16(), kind=kind)
+    got = full_divergence(student.bfloat16(), teacher.bfloat16(), divergence=kind)
     assert got.dtype == torch.float32
     torch.testing.assert_close(
-        got, full_divergence(student, teacher, kind=kind), atol=2e-2, rtol=5e-2
+        got, full_divergence(student, teacher, divergence=kind), atol=2e-2, rtol=5e-2
     )
     # the math itself is fp32: identical to upcasting the bf16 values first
     torch.testing.assert_close(
-        got, full_divergence(student.bfloat16().float(), teacher.bfloat16().float(), kind=kind)
+        got, full_divergence(student.bfloat16().float(), teacher.bfloat16().float(), divergence=kind)
     )
 
 
@@ -343,16 +343,16 @@ def test_token_logprobs_bf16_and_gradient() -> None:
 
 def test_bad_inputs_raise_value_error() -> None:
     student, teacher = hand_example()
-    with pytest.raises(ValueError, match="unknown divergence kind"):
-        full_divergence(student, teacher, kind="tvd")
+    with pytest.raises(ValueError, match="unknown divergence"):
+        full_divergence(student, teacher, divergence="tvd")
     with pytest.raises(ValueError, match="same shape"):
-        full_divergence(student, torch.zeros(1, 3))
+        full_divergence(student, torch.zeros(1, 3), divergence="rkl")
     for beta in (-0.1, 1.5, math.nan):
         with pytest.raises(ValueError, match="beta"):
-            full_divergence(student, teacher, kind="jsd", beta=beta)
+            full_divergence(student, teacher, divergence="jsd", beta=beta)
     for temperature in (0.0, -1.0, math.nan):
         with pytest.raises(ValueError, match="temperature"):
-            full_divergence(student, teacher, temperature=temperature)
+            full_divergence(student, teacher, divergence="rkl", temperature=temperature)
         with pytest.raises(ValueError, match="temperature"):
             token_logprobs(student, torch.tensor([0]), temperature=temperature)
     with pytest.raises(ValueError, match="same shape"):

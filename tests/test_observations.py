@@ -20,11 +20,10 @@ import pytest
 import torch
 
 from lightning_opd import losses
-from lightning_opd.align import LossSettings, ScoredBatch, ScoredSide, TokenizerPair, build_aligner
+from lightning_opd.align import ScoredBatch, ScoredSide, TokenizerPair, align_batch, build_aligner
 from lightning_opd.align.base import pack_segments
 from lightning_opd.align.offsets import segment
-from lightning_opd.align.pairing import segment_responses
-from lightning_opd.cli.align import aligner_defaults
+from lightning_opd.config import LossConfig
 from lightning_opd.fixtures import load_fixture_tokenizer
 from lightning_opd.module import OPDModule
 from lightning_opd.rollout.generate import Rollout
@@ -79,15 +78,13 @@ def rollout_of(tok, pieces: tuple[str, ...], by_char: bool = False) -> tuple[lis
 
 
 def packed(pair: TokenizerPair, ids: list[int], mask: list[int], boundary: str = "match"):
-    """(segmented responses, packed Segments) of one response that ended with EOS."""
-    seg = segment_responses(pair, [ids], [True], boundary=boundary, loss_mask=[mask])
-    s_offsets = np.array([0, len(ids) + 1])
-    t_offsets = np.array([0, len(seg.teacher_ids[0])])
-    return seg, pack_segments(seg.segments, s_offsets, t_offsets, model_tokens=seg.model_tokens)
+    """(the aligned batch, its packed BatchSegments) of one response that ended with EOS."""
+    aligned = align_batch(pair, [ids], [True], boundary=boundary, loss_mask=[mask])
+    return aligned, aligned.segments
 
 
 def supervised_positions(name: str, segments) -> set[int]:
-    rows = build_aligner(name, **aligner_defaults()).build_rows(segments, None)
+    rows = build_aligner(name).build_rows(segments, None)
     return set(rows.s_members.tolist())
 
 
@@ -108,7 +105,7 @@ def test_identical_tokenizers_fenced_call_coverage_is_one_and_normaliser_counts_
     for name in ("exact", "simct"):
         assert len(supervised_positions(name, segments)) / segments.n_student_tokens == 1.0
     # without model_tokens, pack_segments counts an aligned sequence's model tokens itself
-    unpacked = pack_segments(seg.segments, np.array([0, len(ids) + 1]), np.array([0, len(ids) + 1]))
+    unpacked = pack_segments(seg.per_response, np.array([0, len(ids) + 1]), np.array([0, len(ids) + 1]))
     assert unpacked.n_student_tokens == n_model
 
 
@@ -121,7 +118,7 @@ def test_response_token_loss_is_the_row_sum_over_model_tokens():
     ids, mask = rollout_of(tok, FENCED[:3])
     _, segments = packed(pair, ids, mask)
     rows = build_aligner("exact").build_rows(segments, None)
-    loss = losses.reduce_rows(torch.ones(len(rows)), rows.weight, segments.n_student_tokens)
+    loss = losses.reduce_rows(torch.ones(len(rows)), None, segments.n_student_tokens)
     assert loss.item() == pytest.approx(1.0)
 
 
@@ -162,7 +159,7 @@ def test_every_model_token_is_supervised_by_simct_across_tokenizers(student, tea
     pair = pair_of(student, teacher)
     ids, mask = rollout_of(pair.student, pieces, by_char)
     seg, segments = packed(pair, ids, mask, boundary)
-    ss, t_ids = seg.segments[0], seg.teacher_ids[0]
+    ss, t_ids = seg.per_response[0], seg.teacher_ids[0]
     assert ss is not None
     # both sides of every segment spell the same bytes, in order (EOS has none)
     s_parts = [pair.student_bytes.join(ids[a:b]) for a, b in zip(ss.s_bounds[:-1], ss.s_bounds[1:], strict=True)]
@@ -201,7 +198,7 @@ def test_a_character_split_across_an_edge_is_left_unsupervised_and_nothing_shift
     ids = before + [byte_id[b"\xc3"], byte_id[b"\xa9"]] + after
     mask = [1] * len(before) + [0, 1] + [1] * len(after)
     seg, segments = packed(pair, ids, mask)
-    assert seg.texts[0] == "x = 1é then y = 2" and seg.segments[0] is not None
+    assert seg.texts[0] == "x = 1é then y = 2" and seg.per_response[0] is not None
     supervised = supervised_positions("simct", segments)
     split = len(before) + 1  # the model's half of "é"
     assert len(before) not in supervised and split not in supervised
@@ -222,10 +219,10 @@ def test_sampled_form_row_losses_are_finite_on_a_real_tool_response():
     teacher = ScoredSide(torch.randn(n_t, len(pair.teacher_bytes.table), generator=gen),
                          torch.tensor(seg.teacher_ids[0]), torch.tensor([0, n_t]))  # fmt: skip
     batch = ScoredBatch(student, teacher, pair.vocab)
-    aligner = build_aligner("simct", **aligner_defaults())
+    aligner = build_aligner("simct")
     rows = aligner.build_rows(segments, batch)
     for form in ("full", "sampled"):
-        assert torch.isfinite(aligner.row_losses(rows, batch, LossSettings(form=form))).all()
+        assert torch.isfinite(aligner.row_losses(rows, batch, LossConfig(form=form))).all()
 
 
 # --- (c) EOS after an observation is its own SOD step -------------------------------------------

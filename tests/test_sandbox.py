@@ -119,11 +119,18 @@ def test_file_size_is_limited() -> None:
     assert "File too large" in result.stderr  # Python ignores SIGXFSZ, so write() gets EFBIG
 
 
-def test_workdir_is_fresh_and_removed() -> None:
-    before = _sandbox_dirs()
+def test_workdir_is_fresh_and_removed(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[str] = []  # this call's host directories (other runs may use /tmp meanwhile)
+    original = tempfile.mkdtemp
+
+    def mkdtemp(*args, **kwargs) -> str:
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(sandbox.tempfile, "mkdtemp", mkdtemp)
     result = run_python("import os\nopen('note.txt', 'w').write('x')\nprint(sorted(os.listdir()))")
     assert result.ok and result.stdout == "['main.py', 'note.txt']\n"
-    assert _sandbox_dirs() == before
+    assert made and not any(os.path.exists(path) for path in made)
 
 
 def test_writes_outside_workdir_vanish(tmp_path: Path) -> None:

@@ -44,6 +44,6 @@ def test_decoder_layers_are_found_from_no_split_modules(split_tokenizer, arch, l
 def test_sod_paper_config_validates_without_downloading():
     cfg = load(ROOT / "configs" / "experiment" / "sod_qwen3.yaml")
     assert (cfg.teacher.path, cfg.student.path) == ("Qwen/Qwen3-4B", "Qwen/Qwen3-0.6B")
-    assert cfg.tools.format == "hermes" and cfg.rollout.samples_per_prompt == cfg.rl.group_size == 16
+    assert cfg.tools.format == "hermes" and cfg.rollout.samples_per_prompt == 16
     assert cfg.optim.lr == 1e-6 and cfg.rollout.max_new_tokens == 20480 and cfg.sod.delta == 0.2
     assert isinstance(build_strategy(cfg), DDPStrategy)

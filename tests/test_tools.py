@@ -353,7 +353,7 @@ def test_model_written_text_drops_a_cut_observation(tok) -> None:
 
 
 def test_validation_accuracy_reads_only_model_written_text(tok) -> None:
-    from lightning_opd.sft import evaluate_accuracy
+    from lightning_opd.evaluation import evaluate_accuracy
 
     prints_it = '```python\nprint(f"#### {6*7}")\n```'
     examples = [Example("Q0", "42"), Example("Q1", "42")]

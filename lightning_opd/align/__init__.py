@@ -10,20 +10,19 @@ import pkgutil
 from lightning_opd.align.base import (
     ALIGNERS,
     Aligner,
-    LossSettings,
+    BatchSegments,
     Rows,
     ScoredBatch,
     ScoredSide,
-    Segments,
     build_aligner,
     register_aligner,
 )
-from lightning_opd.align.pairing import TokenizerPair, segment_responses
+from lightning_opd.align.pairing import AlignedBatch, TokenizerPair, align_batch, segment_responses
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "ALIGNERS", "Aligner", "LossSettings", "Rows", "ScoredBatch", "ScoredSide", "Segments",
-    "TokenizerPair", "build_aligner", "register_aligner", "segment_responses",
+    "ALIGNERS", "AlignedBatch", "Aligner", "BatchSegments", "Rows", "ScoredBatch", "ScoredSide",
+    "TokenizerPair", "align_batch", "build_aligner", "register_aligner", "segment_responses",
 ]  # fmt: skip

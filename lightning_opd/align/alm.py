@@ -8,7 +8,7 @@ teacher tokens [a, b):
     ℓ^S_g = Σ_{k=c}^{d-1} log p_S(s_k),     ℓ^T_g = Σ_{l=a}^{b-1} log p_T(t_l)
 
 (full-vocabulary log-probs at the loss temperature). Each chunk likelihood is *binarised*
-at temperature τ = `alm_temperature` (default 100): the chunk becomes a two-outcome
+at temperature τ = `aligner.alm_temperature` (default 100): the chunk becomes a two-outcome
 distribution Bern(q) with
 
     q = p(chunk)^{1/τ} = exp(x),   x = ℓ/τ,   log q = x,   log(1 − q) = log1mexp(x),
@@ -46,16 +46,16 @@ import torch
 
 from lightning_opd.align.base import (
     Aligner,
-    LossSettings,
+    BatchSegments,
     Rows,
     ScoredBatch,
     ScoredSide,
-    Segments,
     chunked,
     register_aligner,
     rows_from_segments,
     unit_logprobs,
 )
+from lightning_opd.config import LossConfig
 
 LOG_HALF = -math.log(2.0)
 MAX_CHUNK_LOGPROB = -1e-6  # cap on ℓ: keeps 1 − q > 0 when a model is certain of a chunk
@@ -96,16 +96,16 @@ def chunk_loglik(side: ScoredSide, members: torch.Tensor, member_row: torch.Tens
 
 @register_aligner("alm")
 class ALMAligner(Aligner):
-    def build_rows(self, seg: Segments, batch: ScoredBatch | None) -> Rows:
+    def build_rows(self, seg: BatchSegments, batch: ScoredBatch | None) -> Rows:
         # every segment is a chunk: its row covers all its tokens on both sides (no logits needed)
         return rows_from_segments(seg)
 
     @property
     def tau(self) -> float:
-        return float(self.options.get("alm_temperature", 100.0))
+        return self.options.alm_temperature
 
-    def full_row_losses(self, rows: Rows, batch: ScoredBatch, settings: LossSettings) -> torch.Tensor:
-        n, temp, chunk = len(rows), settings.temperature, settings.chunk_rows
+    def full_row_losses(self, rows: Rows, batch: ScoredBatch, loss: LossConfig) -> torch.Tensor:
+        n, temp, chunk = len(rows), loss.temperature, loss.chunk_rows
         student_ll = chunk_loglik(batch.student, rows.s_members, rows.s_member_row, n, temp, chunk)
         with torch.no_grad():  # the teacher is a fixed target
             t_members, t_row = rows.t_members, rows.t_member_row

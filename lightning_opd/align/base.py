@@ -1,13 +1,17 @@
 """The alignment interface: segments -> supervision rows -> per-row losses, and the registry.
 
+Vocabulary: a *response* is one sampled completion; a *segment* is a stretch of a response
+where student and teacher tokens cover the same bytes (`SequenceSegments` for one response,
+`BatchSegments` for a batch packed together); a *row* (`Rows`) is one supervision row.
+
 One training batch, after scoring, is a `ScoredBatch`: for each side (student, teacher) the
 logits at the response positions of every sequence, packed without padding into (N, V), and
 the response token ids (N,). Position p of the packed tensor holds the logits that *predict*
 token ids[p].
 
 Alignment happens in two steps:
-1. `align_batch` turns each response into `SequenceSegments` (see offsets.py) and packs them
-   into one `Segments` of the batch, with positions already in packed coordinates.
+1. `align_batch` (pairing.py) turns each response into `SequenceSegments` (see offsets.py) and
+   packs them (`pack_segments`) into one `BatchSegments`, with positions in packed coordinates.
 2. An `Aligner` (registered by name) turns segments into `Rows` and rows into per-row losses.
    A row compares one student distribution with one teacher distribution over one support
    (for `exact`: V∩ at a shared-token position). `Rows.members` lists every student and
@@ -15,14 +19,16 @@ Alignment happens in two steps:
    coverage (supervised student tokens) without knowing the aligner.
 
 A new aligner is a file with `@register_aligner("name")` and a class implementing `build_rows`
-(and `row_losses` when its comparison is not the default full/sampled form over V∩).
+(and `full_row_losses` when its comparison is not the default full form over V∩). Its options
+are typed fields of `AlignerConfig` (config.py), the one place their defaults are written; the
+loss settings arrive as the `LossConfig`.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -30,6 +36,7 @@ import torch
 from lightning_opd import losses
 from lightning_opd.align.offsets import SequenceSegments
 from lightning_opd.align.vocab import SharedVocab
+from lightning_opd.config import AlignerConfig, LossConfig
 
 
 @dataclass
@@ -49,9 +56,9 @@ class ScoredBatch:
 
 
 @dataclass
-class Segments:
+class BatchSegments:
     """All segments of a batch, in packed positions. Segment g: student [s_lo, s_hi),
-    teacher [t_lo, t_hi), of sequence `seq`. Only valid segments are kept."""
+    teacher [t_lo, t_hi), of response `seq`. Only valid segments are kept."""
 
     seq: torch.Tensor  # (G,) long
     s_lo: torch.Tensor  # (G,) long
@@ -62,24 +69,26 @@ class Segments:
     # not: the default loss normaliser and the coverage denominator
     n_student_tokens: int
     n_invalid_tokens: int = 0  # student tokens touching invalid UTF-8
-    n_unaligned_sequences: int = 0  # sequences whose texts disagreed (normalising tokenizers)
+    n_unaligned_sequences: int = 0  # responses whose texts disagreed (normalising tokenizers)
+    # where segments close (`aligner.boundary`): match (1:1 tokens) | offset (common boundaries);
+    # aligners that pick 1:1 matches read it here, from the segments they were given
+    boundary: str = AlignerConfig.boundary
 
     @property
     def is_shared_token(self) -> torch.Tensor:  # (G,) bool: one token on each side
         return (self.s_hi - self.s_lo == 1) & (self.t_hi - self.t_lo == 1)
 
-    def select(self, keep: torch.Tensor) -> Segments:
-        return Segments(
-            self.seq[keep], self.s_lo[keep], self.s_hi[keep], self.t_lo[keep], self.t_hi[keep],
-            self.n_student_tokens, self.n_invalid_tokens, self.n_unaligned_sequences,
-        )  # fmt: skip
+    def select(self, keep: torch.Tensor) -> BatchSegments:
+        return replace(self, seq=self.seq[keep], s_lo=self.s_lo[keep], s_hi=self.s_hi[keep],
+                       t_lo=self.t_lo[keep], t_hi=self.t_hi[keep])  # fmt: skip
 
 
 @dataclass
 class Rows:
     """Supervision rows. Row r compares the student distribution at packed position
     `student_pos[r]` with the teacher's at `teacher_pos[r]`; `s_members`/`t_members` list the
-    tokens the row covers (flat, with `s_member_row`/`t_member_row` giving their row)."""
+    tokens the row covers (flat, with `s_member_row`/`t_member_row` giving their row). Row
+    weights are not part of the rows: they are passed to `losses.reduce_rows` as a value."""
 
     student_pos: torch.Tensor  # (R,) long
     teacher_pos: torch.Tensor  # (R,) long
@@ -87,11 +96,6 @@ class Rows:
     s_member_row: torch.Tensor  # (Ms,) long
     t_members: torch.Tensor  # (Mt,) long
     t_member_row: torch.Tensor  # (Mt,) long
-    weight: torch.Tensor = field(default_factory=lambda: torch.ones(0))  # (R,) float
-
-    def __post_init__(self) -> None:
-        if self.weight.numel() != self.student_pos.numel():
-            self.weight = torch.ones(self.student_pos.numel())
 
     def __len__(self) -> int:
         return int(self.student_pos.numel())
@@ -124,47 +128,40 @@ def range_members(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.from_numpy(first + np.arange(len(row), dtype=np.int64)), torch.from_numpy(row)
 
 
-def rows_from_segments(seg: Segments) -> Rows:
+def rows_from_segments(seg: BatchSegments) -> Rows:
     """One row per segment, anchored at the first token of each side, covering all its tokens."""
     s_members, s_row = range_members(seg.s_lo, seg.s_hi)
     t_members, t_row = range_members(seg.t_lo, seg.t_hi)
     return Rows(seg.s_lo, seg.t_lo, s_members, s_row, t_members, t_row)
 
 
-@dataclass
-class LossSettings:
-    """What the aligner needs from `LossConfig`, as plain values (losses take no config)."""
-
-    form: str = "full"  # full | sampled
-    divergence: str = "rkl"
-    beta: float = 0.5
-    temperature: float = 1.0
-    chunk_rows: int = 512
-
-
 class Aligner:
-    """Base aligner: full form over V∩ at the row's anchor positions, or the sampled form."""
+    """Base aligner: full form over V∩ at the row's anchor positions, or the sampled form.
+
+    `options` is the `aligner` section of the config (validated there, see config.validate);
+    `seed` seeds aligners that draw at random."""
 
     name: str = "base"
 
-    def __init__(self, **options) -> None:
+    def __init__(self, options: AlignerConfig, seed: int = 0) -> None:
         self.options = options
+        self.seed = seed
 
-    def build_rows(self, seg: Segments, batch: ScoredBatch) -> Rows:
+    def build_rows(self, seg: BatchSegments, batch: ScoredBatch | None) -> Rows:
         raise NotImplementedError
 
-    def row_losses(self, rows: Rows, batch: ScoredBatch, settings: LossSettings) -> torch.Tensor:
+    def row_losses(self, rows: Rows, batch: ScoredBatch, loss: LossConfig) -> torch.Tensor:
         """Per-row loss (R,), differentiable w.r.t. the student logits."""
-        if settings.form == "sampled":
-            return sampled_row_losses(rows, batch, settings.temperature)
-        return self.full_row_losses(rows, batch, settings)
+        if loss.form == "sampled":
+            return sampled_row_losses(rows, batch, loss.temperature)
+        return self.full_row_losses(rows, batch, loss)
 
-    def full_row_losses(self, rows: Rows, batch: ScoredBatch, settings: LossSettings) -> torch.Tensor:
+    def full_row_losses(self, rows: Rows, batch: ScoredBatch, loss: LossConfig) -> torch.Tensor:
         return chunked(
-            len(rows), settings.chunk_rows,
+            len(rows), loss.chunk_rows,
             lambda sl: losses.full_divergence(
                 *shared_vocab_logits(rows, batch, sl),
-                kind=settings.divergence, beta=settings.beta, temperature=settings.temperature,
+                divergence=loss.divergence, beta=loss.beta, temperature=loss.temperature,
             ),
         )  # fmt: skip
 
@@ -263,25 +260,37 @@ def register_aligner(name: str) -> Callable[[type[Aligner]], type[Aligner]]:
     return decorator
 
 
-def build_aligner(name: str, **options) -> Aligner:
+def registered_aligners() -> dict[str, type[Aligner]]:
+    """Every registered aligner by name (importing the package registers them all)."""
     from lightning_opd import align  # noqa: F401  (imports every aligner module, filling ALIGNERS)
 
-    if name not in ALIGNERS:
-        raise ValueError(f"aligner.name={name!r} is not registered; choose from {sorted(ALIGNERS)}")
-    return ALIGNERS[name](**options)
+    return ALIGNERS
 
 
-def pack_segments(per_sequence: list[SequenceSegments | None], s_offsets: np.ndarray,
-                  t_offsets: np.ndarray, model_tokens: list[int] | None = None) -> Segments:  # fmt: skip
-    """Stack per-sequence segments (None = unaligned sequence) into packed positions.
+def build_aligner(options: AlignerConfig | str, seed: int = 0) -> Aligner:
+    """The aligner `options.name` with these options; a bare name takes every default of
+    `AlignerConfig`, as the config schema writes them."""
+    if isinstance(options, str):
+        options = AlignerConfig(name=options)
+    aligners = registered_aligners()
+    if options.name not in aligners:
+        raise ValueError(f"aligner.name={options.name!r} is not registered; choose from {sorted(aligners)}")
+    return aligners[options.name](options, seed)
+
+
+def pack_segments(per_response: list[SequenceSegments | None], s_offsets: np.ndarray,
+                  t_offsets: np.ndarray, model_tokens: list[int] | None = None,
+                  boundary: str = AlignerConfig.boundary) -> BatchSegments:  # fmt: skip
+    """Stack each response's segments (None = unaligned response) into packed positions.
 
     s_offsets, t_offsets: (B+1,) packed offsets of each side's responses. model_tokens: (B,) the
     model's own tokens of each response (`SegmentedResponses.model_tokens`); without it, an
-    aligned sequence counts its `n_model` and an unaligned one all its positions.
+    aligned response counts its `n_model` and an unaligned one all its positions. boundary:
+    where the segments were closed (recorded for the aligners).
     """
     parts: list[np.ndarray] = []
     n_student = n_invalid = n_unaligned = 0
-    for b, ss in enumerate(per_sequence):
+    for b, ss in enumerate(per_response):
         if model_tokens is not None:
             n_student += int(model_tokens[b])
         else:
@@ -301,4 +310,4 @@ def pack_segments(per_sequence: list[SequenceSegments | None], s_offsets: np.nda
         )  # fmt: skip
     cols = torch.from_numpy(np.concatenate(parts, axis=1) if parts else np.zeros((5, 0), np.int64))
     cols = cols.long()
-    return Segments(cols[0], cols[1], cols[2], cols[3], cols[4], n_student, n_invalid, n_unaligned)
+    return BatchSegments(cols[0], cols[1], cols[2], cols[3], cols[4], n_student, n_invalid, n_unaligned, boundary)

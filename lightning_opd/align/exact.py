@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from lightning_opd.align.base import (
     Aligner,
+    BatchSegments,
     Rows,
     ScoredBatch,
-    Segments,
     register_aligner,
     rows_from_segments,
 )
@@ -22,5 +22,5 @@ from lightning_opd.align.base import (
 
 @register_aligner("exact")
 class ExactAligner(Aligner):
-    def build_rows(self, seg: Segments, batch: ScoredBatch) -> Rows:
+    def build_rows(self, seg: BatchSegments, batch: ScoredBatch) -> Rows:
         return rows_from_segments(seg.select(seg.is_shared_token))

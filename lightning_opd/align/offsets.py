@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lightning_opd.config import AlignerConfig
+
 REPLACEMENT = "\ufffd".encode()
 BOUNDARIES = ("match", "offset")
 
@@ -115,7 +117,7 @@ def segment(
     s_bad_bytes: np.ndarray | None = None,
     s_offset_map: np.ndarray | None = None,
     eos: bool = False,
-    boundary: str = "match",
+    boundary: str = AlignerConfig.boundary,
     s_excluded: np.ndarray | None = None,
     edges: np.ndarray | None = None,
 ) -> SequenceSegments:

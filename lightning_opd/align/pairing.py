@@ -1,7 +1,9 @@
 """A student/teacher tokenizer pair, and the segments of a batch of sampled responses.
 
 `TokenizerPair` precomputes what alignment needs once per run: each vocabulary's canonical
-bytes and the shared vocabulary V∩. `segment_responses` takes the ids the student sampled,
+bytes and the shared vocabulary V∩. `align_batch` is the entry point of training, the align
+command and the bench: it segments every response (`segment_responses`) and packs the segments
+of the batch (`base.pack_segments`). `segment_responses` takes the ids the student sampled,
 turns them into the response text (through canonical bytes, repairing broken UTF-8), lets the
 teacher tokenize that text, and closes segments at 1:1 byte-span matches (or, with
 `boundary="offset"`, at every byte offset where a token of each side ends).
@@ -32,8 +34,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lightning_opd.align.base import BatchSegments, pack_segments
 from lightning_opd.align.offsets import SequenceSegments, repair_utf8, segment
 from lightning_opd.align.vocab import SharedVocab, TokenBytes, build_shared_vocab
+from lightning_opd.config import AlignerConfig
 
 
 def same_tokenizer(a, b) -> bool:
@@ -64,10 +68,19 @@ class TokenizerPair:
 
 @dataclass
 class SegmentedResponses:
+    """Each response of a batch, segmented on its own (`segment_responses`)."""
+
     texts: list[str]  # the response texts (EOS excluded)
     teacher_ids: list[list[int]]  # teacher response tokens, EOS appended where the student ended
-    segments: list[SequenceSegments | None]  # None: the two tokenizations disagree on the text
+    per_response: list[SequenceSegments | None]  # None: the two tokenizations disagree on the text
     model_tokens: list[int]  # per response, the model's own tokens (EOS included, observations not)
+
+
+@dataclass
+class AlignedBatch(SegmentedResponses):
+    """A batch of responses, segmented and packed (`align_batch`)."""
+
+    segments: BatchSegments  # the segments of every response, in packed positions
 
 
 def _one_token_per_segment(n: int, eos: bool, excluded: np.ndarray | None) -> SequenceSegments:
@@ -143,7 +156,7 @@ def segment_responses(
     pair: TokenizerPair,
     student_ids: list[list[int]],
     ended_with_eos: list[bool],
-    boundary: str = "match",
+    boundary: str = AlignerConfig.boundary,
     loss_mask: list[list[int]] | None = None,
 ) -> SegmentedResponses:
     """student_ids: each response's sampled ids, EOS excluded; ended_with_eos: whether EOS followed.
@@ -169,21 +182,21 @@ def segment_responses(
         edges[b] = piece_edges(s_lengths[b], bounds, decoded[b][1], data)
         pieces[b] = piece_texts(data, edges[b])
     teacher_of, whole = teacher_tokens(pair, pieces, texts)
-    teacher_ids, segments = [], []
+    teacher_ids, per_response = [], []
     for b, (ids, eos) in enumerate(zip(student_ids, ended_with_eos, strict=True)):
         text, offset_map, bad = decoded[b]
         if b not in teacher_of:  # identical tokenizers, valid UTF-8: the teacher scores the same ids
             teacher_ids.append(list(ids) + ([teacher_eos] if eos else []))
-            segments.append(_one_token_per_segment(len(ids), eos, excluded[b]))
+            per_response.append(_one_token_per_segment(len(ids), eos, excluded[b]))
             continue
         t_ids = teacher_of[b]
         teacher_ids.append(list(t_ids) + ([teacher_eos] if eos else []))
         if pair.teacher_bytes.join(t_ids) != text.encode("utf-8"):
-            segments.append(None)  # the teacher normalised the text: nothing to align safely
+            per_response.append(None)  # the teacher normalised the text: nothing to align safely
             continue
         t_lengths = _lengths(pair.teacher_bytes.lengths, t_ids)
         repaired = bad.any()
-        segments.append(
+        per_response.append(
             segment(
                 s_lengths[b],
                 t_lengths,
@@ -197,4 +210,30 @@ def segment_responses(
         )
     model_tokens = [len(ids) - (0 if x is None else int(np.count_nonzero(x))) + int(e)
                     for ids, x, e in zip(student_ids, excluded, ended_with_eos, strict=True)]  # fmt: skip
-    return SegmentedResponses(texts, teacher_ids, segments, model_tokens)
+    return SegmentedResponses(texts, teacher_ids, per_response, model_tokens)
+
+
+def packed_offsets(lengths: list[int]) -> np.ndarray:
+    """(B+1,) packed offsets of sequences with these lengths."""
+    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+
+
+def align_batch(
+    pair: TokenizerPair,
+    student_ids: list[list[int]],
+    ended_with_eos: list[bool],
+    boundary: str = AlignerConfig.boundary,
+    loss_mask: list[list[int]] | None = None,
+) -> AlignedBatch:
+    """Segment every response of a batch and pack the segments (arguments as `segment_responses`).
+
+    The packed positions are those of `rollout.generate.response_logits`: each side's responses
+    back to back, the student's EOS included where it ended with one, the teacher's ids as
+    returned here (its EOS already appended). The model's own tokens of each response (tool
+    observations excluded) give the loss normaliser and the coverage denominator.
+    """
+    out = segment_responses(pair, student_ids, ended_with_eos, boundary=boundary, loss_mask=loss_mask)
+    s_offsets = packed_offsets([len(ids) + int(eos) for ids, eos in zip(student_ids, ended_with_eos, strict=True)])
+    t_offsets = packed_offsets([len(ids) for ids in out.teacher_ids])
+    packed = pack_segments(out.per_response, s_offsets, t_offsets, model_tokens=out.model_tokens, boundary=boundary)
+    return AlignedBatch(out.texts, out.teacher_ids, out.per_response, out.model_tokens, packed)

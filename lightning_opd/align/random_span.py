@@ -12,7 +12,7 @@ the first segment that is not chosen (its "anchor", which may itself be a span).
 with such a successor can be merged, so `ratio` is the fraction of those that is chosen:
 round(ratio · n) of them, drawn uniformly without replacement.
 
-The draw uses a `torch.Generator` seeded with the `seed` option (default 0) and advanced by every
+The draw uses a `torch.Generator` seeded with the run's seed (`trainer.seed`) and advanced by every
 call, so a run is reproducible and successive batches get different merges. Merging only
 regroups tokens, so coverage is unchanged; ratio = 0 is `simct` exactly.
 
@@ -24,19 +24,22 @@ ratio = 0 is SimCT rather than exact matching, and every merged unit covers cont
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from lightning_opd.align.base import (
+    BatchSegments,
     Rows,
     ScoredBatch,
-    Segments,
     register_aligner,
     rows_from_segments,
 )
 from lightning_opd.align.simct import SimCTAligner
+from lightning_opd.config import AlignerConfig
 
 
-def merge_into_spans(seg: Segments, ratio: float, generator: torch.Generator) -> Segments:
+def merge_into_spans(seg: BatchSegments, ratio: float, generator: torch.Generator) -> BatchSegments:
     """Join round(ratio · n) randomly chosen mergeable shared-token segments with their successor."""
     n_segments = len(seg.seq)
     if n_segments == 0 or ratio <= 0:
@@ -57,22 +60,18 @@ def merge_into_spans(seg: Segments, ratio: float, generator: torch.Generator) ->
     starts[1:] = ~joins_next[:-1]
     first = torch.nonzero(starts).flatten()  # (G',) first segment of each unit
     last = torch.cat([first[1:] - 1, torch.tensor([n_segments - 1])])  # (G',) its last segment
-    return Segments(
-        seg.seq[first], seg.s_lo[first], seg.s_hi[last], seg.t_lo[first], seg.t_hi[last],
-        seg.n_student_tokens, seg.n_invalid_tokens, seg.n_unaligned_sequences,
-    )  # fmt: skip
+    return replace(seg, seq=seg.seq[first], s_lo=seg.s_lo[first], s_hi=seg.s_hi[last],
+                   t_lo=seg.t_lo[first], t_hi=seg.t_hi[last])  # fmt: skip
 
 
 @register_aligner("random_span")
 class RandomSpanAligner(SimCTAligner):
     """SimCT rows after merging a fraction `ratio` of shared-token segments into spans."""
 
-    def __init__(self, **options) -> None:
-        super().__init__(**options)
-        self.ratio = float(options.get("ratio", 0.3))
-        if not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"aligner.ratio must be in [0, 1], got {self.ratio}")
-        self.generator = torch.Generator().manual_seed(int(options.get("seed", 0)))
+    def __init__(self, options: AlignerConfig, seed: int = 0) -> None:
+        super().__init__(options, seed)
+        self.ratio = options.ratio  # in [0, 1], checked by config.validate
+        self.generator = torch.Generator().manual_seed(seed)
 
-    def build_rows(self, seg: Segments, batch: ScoredBatch | None = None) -> Rows:
+    def build_rows(self, seg: BatchSegments, batch: ScoredBatch | None = None) -> Rows:
         return rows_from_segments(merge_into_spans(seg, self.ratio, self.generator))

@@ -56,18 +56,16 @@ import torch
 from lightning_opd import losses
 from lightning_opd.align.base import (
     Aligner,
-    LossSettings,
+    BatchSegments,
     Rows,
     ScoredBatch,
     ScoredSide,
-    Segments,
     chunked,
     register_aligner,
     rows_from_segments,
     shared_vocab_logits,
 )
-
-SPAN_LOGITS = ("mean_logit", "mean_logprob")
+from lightning_opd.config import LossConfig
 
 
 def span_slot(side: ScoredSide, members: torch.Tensor, member_row: torch.Tensor,
@@ -104,32 +102,28 @@ def log_normaliser(side: ScoredSide, positions: torch.Tensor, temperature: float
 class SimCTAligner(Aligner):
     """One row per segment over V∩ plus the segment's span slot (module docstring)."""
 
-    def __init__(self, **options) -> None:
-        super().__init__(**options)
-        self.span_logit = options.get("span_logit", "mean_logit")
-        if self.span_logit not in SPAN_LOGITS:
-            raise ValueError(
-                f"aligner.span_logit={self.span_logit!r}; expected one of {SPAN_LOGITS}"
-            )
+    @property
+    def span_logit(self) -> str:  # mean_logit | mean_logprob (checked by config.validate)
+        return self.options.span_logit
 
-    def build_rows(self, seg: Segments, batch: ScoredBatch | None = None) -> Rows:
+    def build_rows(self, seg: BatchSegments, batch: ScoredBatch | None = None) -> Rows:
         return rows_from_segments(seg)  # every segment, anchored at its first tokens
 
     def span_slots(self, rows: Rows, batch: ScoredBatch,
-                   settings: LossSettings) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                   loss: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(ū^S, ū^T), each (R,) float32; the teacher's detached."""
         is_span = rows.is_span  # (R,)
-        args = (self.span_logit, settings.temperature, settings.chunk_rows)
+        args = (self.span_logit, loss.temperature, loss.chunk_rows)
         student = span_slot(batch.student, rows.s_members, rows.s_member_row, is_span, *args)
         with torch.no_grad():
             teacher = span_slot(batch.teacher, rows.t_members, rows.t_member_row, is_span, *args)
         return student, teacher
 
     def full_row_losses(
-        self, rows: Rows, batch: ScoredBatch, settings: LossSettings
+        self, rows: Rows, batch: ScoredBatch, loss: LossConfig
     ) -> torch.Tensor:
-        student_slot, teacher_slot = self.span_slots(rows, batch, settings)  # (R,) each
-        tau = settings.temperature
+        student_slot, teacher_slot = self.span_slots(rows, batch, loss)  # (R,) each
+        tau = loss.temperature
 
         def chunk_loss(sl: slice) -> torch.Tensor:
             zs, zt = shared_vocab_logits(rows, batch, sl)  # (r, |V∩|) each
@@ -140,18 +134,18 @@ class SimCTAligner(Aligner):
             zs = torch.cat([zs, student_slot[sl, None]], dim=1)  # (r, U)
             zt = torch.cat([zt, teacher_slot[sl, None]], dim=1)  # (r, U)
             return losses.full_divergence(
-                zs, zt, kind=settings.divergence, beta=settings.beta, temperature=tau
+                zs, zt, divergence=loss.divergence, beta=loss.beta, temperature=tau
             )
 
-        return chunked(len(rows), settings.chunk_rows, chunk_loss)
+        return chunked(len(rows), loss.chunk_rows, chunk_loss)
 
 
 @register_aligner("simct_1to1")
 class SimCT1to1Aligner(Aligner):
     """Rows at SimCT's 1:1 matches only, over V∩ (module docstring: how this differs from exact)."""
 
-    def build_rows(self, seg: Segments, batch: ScoredBatch | None = None) -> Rows:
-        if self.options.get("boundary", "match") == "offset":
+    def build_rows(self, seg: BatchSegments, batch: ScoredBatch | None = None) -> Rows:
+        if seg.boundary == "offset":
             # a 1:1 match starts and ends at common boundaries: it is a one-token segment
             return rows_from_segments(seg.select(seg.is_shared_token))
         # match boundaries: every segment is closed by a 1:1 match, its last token on each side

@@ -4,11 +4,11 @@ ULD needs no vocabulary correspondence at all (it works even if V∩ were empty)
 position it compares the two models' next-token distributions *as sorted lists of
 probabilities*, forgetting which token holds which mass. With p = softmax(z^S_k / T) over the
 student's full vocabulary V_S and q = softmax(z^T_l / T) over the teacher's V_T, both sorted
-descending (p_(1) ≥ p_(2) ≥ ...), and K = min(`uld_top_k`, |V_S|, |V_T|):
+descending (p_(1) ≥ p_(2) ≥ ...), and K = min(`aligner.uld_top_k`, |V_S|, |V_T|):
 
     W1(p, q) = Σ_{i=1}^{K} |p_(i) − q_(i)| + |r_p − r_q|,    r = 1 − Σ_{i≤K} p_(i)  (tail bucket)
 
-    L_r = λ · W1,   λ = `uld_weight` (1.5).
+    L_r = λ · W1,   λ = `aligner.uld_weight`.
 
 Because the two supports are unrelated, ULD takes the closed form of the Wasserstein-1
 distance in which each sorted rank is transported to the same rank: the L1 distance between the
@@ -16,8 +16,8 @@ sorted vectors (the paper's form, and the released SimCT baseline `kdflow/algori
 which pads the smaller vocabulary with zeros before sorting). The tail bucket makes top-K
 exact when K = the smaller vocabulary: the zero padding of the released full sort contributes
 Σ_{i>K} q_(i) = r_q, which is what one bucket holds. Top-K (`torch.topk`) keeps the cost at
-O(V) per row instead of a full sort; `uld_top_k` ≤ 0 means no truncation. The defaults
-(K = 1024, λ = 1.5, T = 1) are the released ones.
+O(V) per row instead of a full sort; `aligner.uld_top_k` ≤ 0 means no truncation. The defaults
+in `AlignerConfig` (K = 1024, λ = 1.5; T = `loss.temperature` = 1) are the released ones.
 
 *Aligned positions.* The released code aligns the two token streams greedily and compares the
 models only at 1:1 matches: a student and a teacher token with the same text that start at the
@@ -39,13 +39,13 @@ import torch
 
 from lightning_opd.align.base import (
     Aligner,
-    LossSettings,
+    BatchSegments,
     Rows,
     ScoredBatch,
-    Segments,
     chunked,
     register_aligner,
 )
+from lightning_opd.config import LossConfig
 
 
 def sorted_probs(logits: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
@@ -75,20 +75,19 @@ def sorted_w1(student_logits: torch.Tensor, teacher_logits: torch.Tensor, top_k:
 
 @register_aligner("uld")
 class ULDAligner(Aligner):
-    def build_rows(self, seg: Segments, batch: ScoredBatch | None) -> Rows:
-        if self.options.get("boundary", "match") != "match":
+    def build_rows(self, seg: BatchSegments, batch: ScoredBatch | None) -> Rows:
+        if seg.boundary != "match":
             seg = seg.select(seg.is_shared_token)  # only one-token segments are 1:1 matches
         s_pos, t_pos = seg.s_hi - 1, seg.t_hi - 1  # (G,): the matched pair closing each segment
         row = torch.arange(len(s_pos))
         return Rows(s_pos, t_pos, s_pos.clone(), row, t_pos.clone(), row.clone())
 
-    def full_row_losses(self, rows: Rows, batch: ScoredBatch, settings: LossSettings) -> torch.Tensor:
-        top_k = int(self.options.get("uld_top_k", 1024))
-        weight = float(self.options.get("uld_weight", 1.5))
+    def full_row_losses(self, rows: Rows, batch: ScoredBatch, loss: LossConfig) -> torch.Tensor:
+        top_k, weight = self.options.uld_top_k, self.options.uld_weight
 
         def chunk_losses(sl: slice) -> torch.Tensor:  # (r,): at most (r, V) float32 per side alive
             zs = batch.student.logits[rows.student_pos[sl]]  # (r, V_S)
             zt = batch.teacher.logits[rows.teacher_pos[sl]]  # (r, V_T)
-            return weight * sorted_w1(zs, zt, top_k, settings.temperature)
+            return weight * sorted_w1(zs, zt, top_k, loss.temperature)
 
-        return chunked(len(rows), settings.chunk_rows, chunk_losses)
+        return chunked(len(rows), loss.chunk_rows, chunk_losses)

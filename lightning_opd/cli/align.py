@@ -10,9 +10,10 @@ follows on both sides, and the teacher tokenizes the text the student's ids spel
 aligner in the registry (`--aligner a,b,...`) we report
 
     aligner, texts, student_tokens (EOS included), supervised_tokens, coverage, rows,
-    spans (rows with more than one token on a side), seconds (segmenting + build_rows only)
+    spans (rows with more than one token on a side), seconds (align_batch + build_rows only)
 
-Rows are built without logits (`build_rows(segments, None)`), so no model is needed. Texts are
+Every aligner takes the defaults of `AlignerConfig`. Rows are built without logits
+(`build_rows(segments, None)`), so no model is needed. Texts are
 processed in batches, like training batches. `measure_coverage` is the library entry point; the
 CLI adds file reading, a rich table (or `--json`), and one-line errors with exit code 2 for a
 bad tokenizer SPEC, a missing file or field, or an unknown aligner.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import sys
@@ -30,9 +30,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
-
-from lightning_opd.config import AlignerConfig, TokenizerConfig
+from lightning_opd.config import TokenizerConfig
 
 BATCH_SIZE = 256
 KEYS = ("aligner", "texts", "student_tokens", "supervised_tokens", "coverage", "rows", "spans", "seconds")
@@ -43,13 +41,6 @@ class AlignCommandError(ValueError):
 
 
 # --- library -----------------------------------------------------------------------------------
-
-
-def aligner_defaults() -> dict:
-    """The aligner options of `AlignerConfig()`, name excluded."""
-    options = dataclasses.asdict(AlignerConfig())
-    options.pop("name")
-    return options
 
 
 def check_aligners(names: Sequence[str]) -> None:
@@ -67,11 +58,6 @@ def batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
         yield items[start : start + size]
 
 
-def offsets(lengths: list[int]) -> np.ndarray:
-    """(B+1,) packed offsets of sequences with these lengths."""
-    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
-
-
 def measure_coverage(
     student_tok,
     teacher_tok,
@@ -86,25 +72,19 @@ def measure_coverage(
     Returns one dict per aligner with the keys in `KEYS`. `pair` (a `TokenizerPair` of these
     two tokenizers) may be passed to reuse one already built.
     """
-    from lightning_opd.align import TokenizerPair, build_aligner, segment_responses
-    from lightning_opd.align.base import pack_segments
+    from lightning_opd.align import TokenizerPair, align_batch, build_aligner
 
     check_aligners(aligner_names)
     texts = list(texts)
     if pair is None:
         pair = TokenizerPair.build(student_tok, teacher_tok)
-    aligners = {name: build_aligner(name, **aligner_defaults()) for name in aligner_names}
+    aligners = {name: build_aligner(name) for name in aligner_names}
     totals = {name: dict.fromkeys(("supervised_tokens", "rows", "spans", "seconds"), 0) for name in aligner_names}
     student_tokens, first_batch = 0, True
     for batch in batches(texts, batch_size):
         student_ids = student_tok(list(batch), add_special_tokens=False)["input_ids"]
         start = time.perf_counter()
-        segmented = segment_responses(pair, student_ids, [True] * len(student_ids))
-        segments = pack_segments(
-            segmented.segments,
-            offsets([len(ids) + 1 for ids in student_ids]),  # + EOS
-            offsets([len(ids) for ids in segmented.teacher_ids]),  # EOS already appended
-        )
+        segments = align_batch(pair, student_ids, [True] * len(student_ids)).segments
         segment_seconds = time.perf_counter() - start
         student_tokens += segments.n_student_tokens
         if first_batch:  # one untimed call each: torch's first-call set-up is not alignment time

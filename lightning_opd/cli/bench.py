@@ -5,8 +5,8 @@
 Four measurements, each a function returning plain dicts (all in one JSON, and printed as tables):
 
 (a) alignment — for every registered aligner (`align.ALIGNERS`) and real tokenizer pairs, the
-    wall time of `segment_responses` (the teacher tokenizes the text the student's ids spell, byte
-    spans, 1:1 matches) + `pack_segments` + `build_rows`, per 1k student tokens, for responses of
+    wall time of `align_batch` (the teacher tokenizes the text the student's ids spell, byte
+    spans, 1:1 matches, packing) + `build_rows`, per 1k student tokens, for responses of
     256 … 16k tokens. Each point is a batch of about `tokens_per_point` tokens (64 responses of 256
     tokens, one of 16k), so every point does the same amount of work. No aligner needs logits to
     build its rows (all take `batch=None`), so none are made here. The teacher's tokenization is
@@ -54,7 +54,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lightning_opd.config import CONFIG_DIR, LossConfig
@@ -126,10 +125,6 @@ def response_ids(pair, n_tokens: int, seed: int) -> list[int]:
         except UnicodeDecodeError:
             ids.pop()
     return ids
-
-
-def packed_offsets(lengths: list[int]) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
 
 
 # --- (d) the naive reference -------------------------------------------------------------------
@@ -208,18 +203,18 @@ def alignment_points(label: str, pair, s: BenchSettings) -> tuple[list[dict], li
     """(a) and (d) for one tokenizer pair at every length: (alignment rows, naive rows)."""
     from lightning_opd.align import ALIGNERS, build_aligner
     from lightning_opd.align.pairing import tokenize
-    from lightning_opd.cli.align import aligner_defaults
 
-    aligners = {name: build_aligner(name, **aligner_defaults()) for name in sorted(ALIGNERS)}
+    aligners = {name: build_aligner(name) for name in sorted(ALIGNERS)}
     alignment, naive = [], []
     for length in s.lengths:
         batch = [response_ids(pair, length, s.seed + b) for b in range(max(1, s.tokens_per_point // length))]
         tokens = sum(len(ids) + 1 for ids in batch)  # EOS included, as in training
-        segmented, packed = segment_batch(pair, batch)
-        pretokenized = replace(pair, teacher=Pretokenized(pair.teacher, segmented.texts))
-        seg_s, seg_med = timed(functools.partial(segment_batch, pair, batch), s.repeats)
-        bare_s, _ = timed(functools.partial(segment_batch, pretokenized, batch), s.repeats)
-        tok_s, _ = timed(functools.partial(tokenize, pair.teacher, segmented.texts), s.repeats)
+        aligned = align_ended(pair, batch)
+        packed = aligned.segments
+        pretokenized = replace(pair, teacher=Pretokenized(pair.teacher, aligned.texts))
+        seg_s, seg_med = timed(functools.partial(align_ended, pair, batch), s.repeats)
+        bare_s, _ = timed(functools.partial(align_ended, pretokenized, batch), s.repeats)
+        tok_s, _ = timed(functools.partial(tokenize, pair.teacher, aligned.texts), s.repeats)
         common = {"pair": label, "length": length, "batch": len(batch), "tokens": tokens}
         for name, aligner in aligners.items():
             rows = aligner.build_rows(packed, None)
@@ -237,7 +232,7 @@ def alignment_points(label: str, pair, s: BenchSettings) -> tuple[list[dict], li
             naive.append({**common, "skipped": f"longer than naive_max_length={s.naive_max_length}"})
             continue
         reference = naive_align(pair, batch)
-        fast = [fast_segments(q) if q is not None else [] for q in segmented.segments]
+        fast = [fast_segments(q) if q is not None else [] for q in aligned.per_response]
         naive_repeats = max(1, s.repeats // 2)
         naive_s, naive_med = timed(functools.partial(naive_align, pair, batch), naive_repeats)
         naive_bare_s, _ = timed(functools.partial(naive_align, pretokenized, batch), naive_repeats)
@@ -270,16 +265,11 @@ class Pretokenized:
         return getattr(self.tokenizer, name)
 
 
-def segment_batch(pair, batch: list[list[int]]):
-    """The fast path's segments of a batch of responses that all ended with EOS: (per-sequence
-    segments, packed Segments), as OPDModule.training_step computes them."""
-    from lightning_opd.align import segment_responses
-    from lightning_opd.align.base import pack_segments
+def align_ended(pair, batch: list[list[int]]):
+    """`align_batch` of responses that all ended with EOS, as OPDModule.training_step calls it."""
+    from lightning_opd.align import align_batch
 
-    segmented = segment_responses(pair, batch, [True] * len(batch))
-    s_offsets = packed_offsets([len(ids) + 1 for ids in batch])
-    t_offsets = packed_offsets([len(ids) for ids in segmented.teacher_ids])  # EOS already appended
-    return segmented, pack_segments(segmented.segments, s_offsets, t_offsets)
+    return align_batch(pair, batch, [True] * len(batch))
 
 
 def covered(per_sequence: list[list[tuple[int, int, int, int]]]) -> int:
@@ -337,19 +327,9 @@ def _status_meminfo(key: str) -> int | None:
 def loss_points(pair, s: BenchSettings) -> list[dict]:
     """(b): rows + loss forward/backward over V∩ at each length, with random bf16 logits."""
     from lightning_opd import losses
-    from lightning_opd.align import (
-        LossSettings,
-        ScoredBatch,
-        ScoredSide,
-        build_aligner,
-        segment_responses,
-    )
-    from lightning_opd.align.base import pack_segments
-    from lightning_opd.cli.align import aligner_defaults
+    from lightning_opd.align import ScoredBatch, ScoredSide, align_batch, build_aligner
 
-    loss_cfg = LossConfig()
-    settings = LossSettings(form=loss_cfg.form, divergence=loss_cfg.divergence, beta=loss_cfg.beta,
-                            temperature=loss_cfg.temperature, chunk_rows=loss_cfg.chunk_rows)  # fmt: skip
+    settings = LossConfig()
     v_s, v_t = len(pair.student_bytes.table), len(pair.teacher_bytes.table)
     budget = (s.loss_budget_gb * 2**30) if s.loss_budget_gb else 0.6 * available_bytes()
     per_token = 0.0  # largest measured peak bytes per student token so far
@@ -363,23 +343,23 @@ def loss_points(pair, s: BenchSettings) -> list[dict]:
                      f"length from the smaller points) > budget {budget / 2**30:.1f} GiB"} for n in s.loss_aligners]  # fmt: skip
             continue
         ids = response_ids(pair, length, s.seed)
-        seg = segment_responses(pair, [ids], [True])
-        n_s, n_t = len(ids) + 1, len(seg.teacher_ids[0])
-        segments = pack_segments(seg.segments, packed_offsets([n_s]), packed_offsets([n_t]))
+        aligned = align_batch(pair, [ids], [True])
+        n_s, n_t = len(ids) + 1, len(aligned.teacher_ids[0])
+        segments = aligned.segments
         gen = torch.Generator().manual_seed(s.seed)
         student = torch.randn(n_s, v_s, generator=gen).to(torch.bfloat16).requires_grad_()  # (N_S, V_S)
         teacher = torch.randn(n_t, v_t, generator=gen).to(torch.bfloat16)  # (N_T, V_T)
         s_ids = torch.tensor([*ids, pair.student.eos_token_id])
         batch = ScoredBatch(ScoredSide(student, s_ids, torch.tensor([0, n_s])),
-                            ScoredSide(teacher, torch.tensor(seg.teacher_ids[0]), torch.tensor([0, n_t])), pair.vocab)  # fmt: skip
+                            ScoredSide(teacher, torch.tensor(aligned.teacher_ids[0]), torch.tensor([0, n_t])), pair.vocab)  # fmt: skip
         for name in s.loss_aligners:
-            aligner = build_aligner(name, **aligner_defaults())
+            aligner = build_aligner(name)
             student.grad = None
             with PeakMemory() as memory:
                 t0 = time.perf_counter()
                 rows = aligner.build_rows(segments, batch)
                 t1 = time.perf_counter()
-                loss = losses.reduce_rows(aligner.row_losses(rows, batch, settings), rows.weight, n_s)
+                loss = losses.reduce_rows(aligner.row_losses(rows, batch, settings), None, n_s)
                 t2 = time.perf_counter()
                 loss.backward()
                 t3 = time.perf_counter()

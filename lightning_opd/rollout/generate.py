@@ -20,16 +20,17 @@ from lightning_opd.config import RolloutConfig
 
 @dataclass
 class Rollout:
-    """Sampled responses of a batch. Rows are prompts repeated `samples_per_prompt` times."""
+    """Sampled responses of a batch: each prompt answered `samples_per_prompt` times, one entry
+    per response in every list."""
 
-    prompt_ids: list[list[int]]  # rendered prompt tokens, one list per row
+    prompt_ids: list[list[int]]  # rendered prompt tokens of each response's prompt
     response_ids: list[list[int]]  # sampled tokens, EOS excluded
     ended_with_eos: list[bool]
-    prompt_index: list[int]  # which input prompt each row came from
+    prompt_index: list[int]  # which input prompt each response answers
     # tool-integrated rollouts (rollout/tools.py) also fill these, aligned with response_ids:
     loss_mask: list[list[int]] | None = None  # 1 = model-generated token, 0 = observation/template
     step_ids: list[list[int]] | None = None  # SOD step of each token (0, 1, ...); -1 for masked tokens
-    tool_calls: list[int] | None = None  # tool calls made per row
+    tool_calls: list[int] | None = None  # tool calls made per response
     tool_successes: list[int] | None = None  # of which ran with ok=True
 
     @property
@@ -85,14 +86,14 @@ def generate(
     finally:
         model.train(was_training)
     responses = out[:, ids.shape[1] :].tolist()
-    rows_prompt = [p for p in prompt_ids for _ in range(n)]
+    response_prompts = [p for p in prompt_ids for _ in range(n)]
     response_ids, ended = [], []
     for r in responses:
         cut = r.index(eos_id) if eos_id in r else None
         response_ids.append(r[:cut] if cut is not None else r)
         ended.append(cut is not None)
     index = [i for i in range(len(prompt_ids)) for _ in range(n)]
-    return Rollout(rows_prompt, response_ids, ended, index)
+    return Rollout(response_prompts, response_ids, ended, index)
 
 
 def response_logits(
@@ -102,7 +103,7 @@ def response_logits(
 
     prompts, responses: B lists of ids (responses include EOS where there is one).
     Returns (logits (N, V), ids (N,), offsets (B+1,)), N = total response tokens; sequence b
-    owns packed rows offsets[b]:offsets[b+1]. Rows for empty responses are simply absent.
+    owns packed positions offsets[b]:offsets[b+1]. Empty responses own no position.
     """
     device = next(model.parameters()).device
     p_ids, p_mask = _left_pad(prompts, pad_id)  # (B, P)

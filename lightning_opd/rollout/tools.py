@@ -26,21 +26,21 @@ every limit of `tools.sandbox`; the sandbox keeps the head and tail of an output
 no code) gets an observation saying what is wrong instead of a run. Rewards read only the text
 the model wrote (`reward_texts`): an answer printed by the interpreter earns nothing.
 
-`generate_with_tools` runs the turns batch-parallel: every active row generates (HF generate via
-`generate.generate`, with a stopping criterion that ends a row at its first complete call or at
-its own token budget); rows that stopped at a call have their calls run concurrently, the
-observation tokens appended, and resume. The response of a row is
+`generate_with_tools` runs the turns batch-parallel: every active response generates (HF generate
+via `generate.generate`, with a stopping criterion that ends a response at its first complete
+call or at its own token budget); responses that stopped at a call have their calls run
+concurrently, the observation tokens appended, and resume. A response is
 
     [model turn 0][observation][model turn 1][observation] ... [model turn K]  (EOS excluded)
 
 with loss_mask 1 on model tokens, 0 on observations, and step ids 0, 1, ..., K on the model
 turns (-1 on observations): the SOD steps of `weighting.py`. The budget `max_new_tokens` counts
-all response tokens (model + observation + EOS). A row stops at EOS, when its budget is spent
+all response tokens (model + observation + EOS). A response stops at EOS, when its budget is spent
 (an observation is cut to fit), or at a call beyond `max_turns` (kept, not run).
 
 Each turn re-feeds the whole prompt + response to `generate`: the KV cache is not carried across
 turns. Measured on tiny models (docs/performance.md), that re-prefill costs 11-27% of a
-multi-turn rollout on CPU. Carrying the cache over means realigning each row's keys and values
+multi-turn rollout on CPU. Carrying the cache over means realigning each response's keys and values
 under the new left padding. That change, with a greedy equality test, is not done yet.
 """
 
@@ -226,7 +226,7 @@ def model_written_text(tokenizer, response_ids: list[int], loss_mask: list[int] 
                        skip_special_tokens: bool = False) -> str:
     """The text the model itself wrote: the response with its observations removed.
 
-    response_ids, loss_mask: one row of a Rollout (T,) each; mask 0 marks observation tokens
+    response_ids, loss_mask: one response of a Rollout (T,) each; mask 0 marks observation tokens
     (None: no observations). Each run of model tokens is decoded on its own and the runs are
     joined by a newline, as an observation starts and ends a line. Read from the mask, not
     from `observation_spans`: an observation cut by the budget, or one whose output contains
@@ -250,7 +250,7 @@ def model_written_text(tokenizer, response_ids: list[int], loss_mask: list[int] 
 
 def reward_texts(rollout: Rollout, texts: list[str], tokenizer, *,
                  skip_special_tokens: bool = False) -> list[str]:
-    """The texts to score: `texts[b]` (the response as decoded by the caller) for a row without
+    """The texts to score: `texts[b]` (the response as decoded by the caller) for a response without
     observations, else its model-written text, so that an answer printed by the interpreter
     (code running print("#### 42")) earns nothing; the model must state it."""
     masks = rollout.loss_mask or [None] * len(texts)
@@ -301,10 +301,10 @@ def sandbox_kwargs(cfg: SandboxConfig) -> dict[str, Any]:
 
 
 class ToolCallStop(StoppingCriteria):
-    """Ends a row of HF generate at its first complete tool call or at its own token budget.
+    """Ends a response of HF generate at its first complete tool call or at its own token budget.
 
-    Rows are left-padded to `prompt_width`, so new tokens are input_ids[:, prompt_width:].
-    Each step decodes only the last few tokens of each row; the row's whole new text only when
+    Sequences are left-padded to `prompt_width`, so new tokens are input_ids[:, prompt_width:].
+    Each step decodes only the last few tokens of each response; its whole new text only when
     the closing marker shows up there. The text is read as still growing, so a
     </tool_call> inside a JSON string stops nothing. Returns a (B,) bool tensor, as HF expects.
     """
@@ -355,7 +355,7 @@ def generate_with_tools(
 ) -> Rollout:
     """Sample responses that may call the interpreter (see the module docstring).
 
-    Rows are the prompts repeated `samples_per_prompt` times (greedy: once). Returns a Rollout
+    Each prompt is answered `samples_per_prompt` times (greedy: once). Returns a Rollout
     with loss_mask, step_ids, tool_calls and tool_successes filled, aligned with response_ids.
     """
     fmt, budget = tools_cfg.format, rollout_cfg.max_new_tokens
@@ -363,14 +363,14 @@ def generate_with_tools(
     n = 1 if greedy else rollout_cfg.samples_per_prompt
     prompts = [p for p in prompt_ids for _ in range(n)]
     index = [i for i in range(len(prompt_ids)) for _ in range(n)]
-    rows = len(prompts)
-    resp: list[list[int]] = [[] for _ in range(rows)]
-    mask: list[list[int]] = [[] for _ in range(rows)]
-    steps: list[list[int]] = [[] for _ in range(rows)]
-    calls, successes, ended = [0] * rows, [0] * rows, [False] * rows
-    active = [i for i in range(rows) if budget > 0]
+    n_responses = len(prompts)
+    resp: list[list[int]] = [[] for _ in range(n_responses)]
+    mask: list[list[int]] = [[] for _ in range(n_responses)]
+    steps: list[list[int]] = [[] for _ in range(n_responses)]
+    calls, successes, ended = [0] * n_responses, [0] * n_responses, [False] * n_responses
+    active = [i for i in range(n_responses) if budget > 0]
     while active:
-        room = [budget - len(resp[i]) for i in active]  # tokens each row may still add
+        room = [budget - len(resp[i]) for i in active]  # tokens each response may still add
         prefixes = [prompts[i] + resp[i] for i in active]
         stop = ToolCallStop(tokenizer, fmt, max(len(p) for p in prefixes), room)
         turn_cfg = RolloutConfig(temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
@@ -384,7 +384,7 @@ def generate_with_tools(
             if cut is not None and cut[0] < room[j]:  # a call, with room left for its output
                 (length, call), eos = cut, False
                 new = new[:length]
-            elif len(new) + int(eos) > room[j]:  # the batch's max_new_tokens exceeds this row's
+            elif len(new) + int(eos) > room[j]:  # the batch's max_new_tokens exceeds this response's
                 new, eos = new[: room[j]], False
             resp[i] += new
             mask[i] += [1] * len(new)
@@ -392,7 +392,7 @@ def generate_with_tools(
             ended[i] = eos
             if call is not None and calls[i] < tools_cfg.max_turns:
                 pending.append((i, call))
-            # otherwise the row is done: EOS, budget spent, or a call over max_turns (not run)
+            # otherwise the response is done: EOS, budget spent, or a call over max_turns (not run)
 
         runnable = [(i, c.code) for i, c in pending if c.code is not None]
         outputs = run_python_batch([code for _, code in runnable], **sandbox_kwargs(tools_cfg.sandbox))

@@ -117,9 +117,9 @@ class ColocatedVLLM:
                 cut = ids.index(eos_id) if eos_id in ids else None
                 response_ids.append(ids[:cut] if cut is not None else ids)
                 ended.append(cut is not None)
-        rows_prompt = [p for p in prompt_ids for _ in range(n)]
+        response_prompts = [p for p in prompt_ids for _ in range(n)]
         index = [i for i in range(len(prompt_ids)) for _ in range(n)]
-        return Rollout(rows_prompt, response_ids, ended, index)
+        return Rollout(response_prompts, response_ids, ended, index)
 
 
 _ENGINES: dict[int, ColocatedVLLM] = {}  # id(student model) -> its engine, built on first use
