@@ -69,6 +69,7 @@ class TokenizerConfig:
     digits: str = "split"  # source=train: split (a token per digit) | merge (digit runs) | split_vocab_merge
     vocab_size: int = 160  # for source=train
     chat_template: Optional[str] = None  # jinja template; None = the tokenizer's own or fallback
+    eos: Optional[str] = None  # EOS token; None = the tokenizer's own, else models.EOS_PREFERENCE
 
 
 @dataclass
@@ -123,6 +124,7 @@ class ToolsConfig:
     format: str = "fenced"  # fenced (```python blocks) | hermes (<tool_call>{...}</tool_call>)
     max_turns: int = 16  # tool calls per response at most
     max_output_chars: int = 256  # observations are middle-truncated to this length
+    reuse_cache: bool = True  # carry the KV cache across tool turns (false: re-feed each turn)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 

@@ -92,14 +92,39 @@ def load_tokenizer(cfg: TokenizerConfig, model_path: str | None = None) -> PreTr
             ) from None
     if cfg.chat_template:
         tok.chat_template = cfg.chat_template
-    if tok.eos_token_id is None:
-        raise ModelLoadError(
-            f"tokenizer '{cfg.source}' has no EOS token (a bare tokenizer.json carries none): "
-            "point tokenizer.source at a directory with tokenizer_config.json, or use a fixture"
-        )
+    set_eos(tok, cfg)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+# End-of-text tokens, most preferred first: a bare tokenizer.json names no EOS, so the first of
+# these among its special tokens is taken. Document ends come before turn ends (a bare file has no
+# chat template, so the model is prompted with the plain fallback, as a base model is).
+EOS_PREFERENCE = (
+    "<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<｜end▁of▁sentence｜>", "<|eot_id|>",
+    "<|im_end|>", "<end_of_turn>", "<|end|>",
+)  # fmt: skip
+
+
+def set_eos(tok: PreTrainedTokenizerFast, cfg: TokenizerConfig) -> None:
+    """`cfg.eos` when given (it must be a token of the vocabulary); else the tokenizer's own EOS;
+    else the first of `EOS_PREFERENCE` among its special tokens; else a clear error."""
+    if cfg.eos is not None:
+        if cfg.eos not in tok.get_vocab():
+            raise ModelLoadError(f"tokenizer '{cfg.source}': eos {cfg.eos!r} is not one of its tokens")
+        tok.eos_token = cfg.eos
+        return
+    if tok.eos_token_id is not None:
+        return
+    specials = {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    found = next((name for name in EOS_PREFERENCE if name in specials), None)
+    if found is None:
+        raise ModelLoadError(
+            f"tokenizer '{cfg.source}' names no EOS token and has none of the usual end-of-text tokens "
+            f"({', '.join(EOS_PREFERENCE)}): name one with tokenizer.eos (align: --student-eos / --teacher-eos)"
+        )
+    tok.eos_token = found
 
 
 def _offline() -> bool:

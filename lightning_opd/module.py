@@ -23,6 +23,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,7 @@ from lightning_opd.align import (
     build_aligner,
 )
 from lightning_opd.align.base import unit_logprobs
+from lightning_opd.align.pairing import unaligned_warning
 from lightning_opd.config import Config
 from lightning_opd.evaluation import evaluate_accuracy
 from lightning_opd.metrics import AnswerAccuracy, Coverage
@@ -140,6 +142,7 @@ class OPDModule(L.LightningModule):
         self.start_step = 0
         self._sharded = False  # configure_model has sharded the models (fsdp)
         self._pending_rng: dict | None = None  # a checkpoint's RNG state, restored before the first step
+        self._warned_unaligned = False  # the unaligned-responses warning is given once per run
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -214,6 +217,9 @@ class OPDModule(L.LightningModule):
         with timer("align"):
             aligned = align_batch(self.pair, rollout.response_ids, rollout.ended_with_eos,
                                   boundary=self.aligner.options.boundary, loss_mask=rollout.loss_mask)  # fmt: skip
+            if not self._warned_unaligned and (message := unaligned_warning(aligned)):
+                warnings.warn(message, RuntimeWarning, stacklevel=1)
+                self._warned_unaligned = True
         scored = self.score(rollout, aligned, answered, timer)
 
         # 3. align: supervision rows; 4. weight: SOD step weights of the rows (None = all 1)
@@ -282,6 +288,7 @@ class OPDModule(L.LightningModule):
             "train/invalid_utf8_tokens": float(segments.n_invalid_tokens),
             "train/skipped_prompts": float(self.skipped_prompts),
             "train/bad_lines": float(self._bad_lines()),
+            **({"train/outcome_term": self.outcome_term} if self.cfg.rl.outcome_coef > 0 else {}),
             **timer.metrics(),
         }, batch_size=n_responses)  # fmt: skip
 
@@ -346,6 +353,7 @@ class OPDModule(L.LightningModule):
             outcome = grpo_advantages(torch.tensor(rewards, device=device), torch.tensor(groups, device=device))
             weight = weights.float() if weights is not None else 1.0
             advantage = rl.outcome_coef * outcome[response_of_rows(rows, scored)] + rl.opd_coef * weight * (teacher_lp - student_lp)
+            self.outcome_term = (rl.outcome_coef * outcome).abs().mean()  # logged: train/outcome_term
         return -advantage.detach() * student_lp
 
     def tool_and_sod_metrics(self, rollout: Rollout, sod: StepWeights | None) -> dict:

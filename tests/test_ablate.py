@@ -7,9 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from lightning_opd.cli import main
-from lightning_opd.cli.ablate import ABLATION_DIR, ablate, parse_seeds, plan
+from lightning_opd.cli.ablate import ABLATION_DIR, ablate, is_baseline, parse_seeds, plan
 from lightning_opd.cli.report import find_runs, markdown_table, mean_curve, mean_sd, summarise
 from lightning_opd.config import ConfigError, load
 from tests.test_train import ROOT, TINY
@@ -19,12 +20,37 @@ EXPERIMENTS = ROOT / "configs" / "experiment"
 KNOB_EXPERIMENT = {"sod": "arith_tool_opd"}
 
 
+def resolved(*paths: Path) -> dict:
+    return OmegaConf.to_container(load(*paths), resolve=True)
+
+
 @pytest.mark.parametrize("overlay", sorted(ABLATION_DIR.glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_every_overlay_loads_and_changes_something(overlay: Path):
+def test_every_overlay_changes_the_config_unless_marked_as_the_baseline(overlay: Path):
+    """An overlay marked `# baseline` (ablate.py) resolves to its experiment's own config; every
+    other overlay changes it. The experiment is the one the knob is meant for (KNOB_EXPERIMENT)."""
     experiment = EXPERIMENTS / f"{KNOB_EXPERIMENT.get(overlay.parent.name, 'default')}.yaml"
-    cfg = load(experiment, overlay)
-    assert cfg.experiment == load(experiment).experiment  # overlays hold deltas, not a new experiment
+    cfg, own = resolved(experiment, overlay), resolved(experiment)
+    assert cfg["experiment"] == own["experiment"]  # overlays hold deltas, not a new experiment
     assert overlay.read_text().startswith("#"), "each overlay says what it changes"
+    if is_baseline(overlay):
+        assert cfg == own, f"{overlay} is marked as the baseline but changes the config"
+    else:
+        changed = sorted(k for k in own if cfg[k] != own[k])
+        assert changed, f"{overlay} changes nothing over {experiment.stem}: mark it `# baseline` or fix it"
+
+
+@pytest.mark.parametrize("knob", sorted(p.name for p in ABLATION_DIR.iterdir() if p.is_dir()))
+def test_every_knob_has_exactly_one_baseline_variant(knob: str):
+    marked = [p.stem for p in sorted((ABLATION_DIR / knob).glob("*.yaml")) if is_baseline(p)]
+    assert len(marked) == 1, (knob, marked)
+
+
+def test_baseline_marker_is_a_line_of_its_own(tmp_path):
+    overlay = tmp_path / "x.yaml"
+    overlay.write_text("# the default, not a baseline marker: # baseline\naligner: {name: simct}\n")
+    assert not is_baseline(overlay)
+    overlay.write_text("# what it does\n# baseline\naligner: {name: simct}\n")
+    assert is_baseline(overlay)
 
 
 def test_overlays_hold_the_variants_the_issue_names():
@@ -75,17 +101,19 @@ def test_ablation_end_to_end_writes_a_table_that_matches_the_runs(tmp_path, two_
     for variant in ("exact", "simct"):
         summary = json.loads((root / variant / "seed0" / "summary.json").read_text())
         assert summary["aligner"] == variant and summary["steps"] == 2
-        assert json.loads((root / variant / "seed0" / "ablation.json").read_text())["variant"] == variant
+        ablation = json.loads((root / variant / "seed0" / "ablation.json").read_text())
+        assert ablation["variant"] == variant and ablation["baseline"] == (variant == "simct")
     assert any(line.startswith("[2/2] pair=simct seed=0") for line in log)
     assert any("left" in line for line in log if line.startswith("[2/2]"))  # a time estimate
 
     table = (root / "table.md").read_text()
     assert (root / "curves.png").stat().st_size > 1000
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| `")}
-    assert set(rows) == {"`exact`", "`simct`"}
-    for variant in ("exact", "simct"):
+    # simct's overlay is marked as the aligner knob's baseline
+    assert set(rows) == {"`exact`", "`simct` (baseline)"}
+    for variant, label in (("exact", "`exact`"), ("simct", "`simct` (baseline)")):
         summary = json.loads((root / variant / "seed0" / "summary.json").read_text())
-        cells = [c.strip() for c in rows[f"`{variant}`"].split("|")[1:-1]]
+        cells = [c.strip() for c in rows[label].split("|")[1:-1]]
         assert cells[3] == f"{summary['student_accuracy_after']:.3f} ± 0.000"
         assert cells[5] == f"{summary['coverage']:.4f} ± 0.0000"
         assert cells[6] == f"{summary['final_loss']:.4f} ± 0.0000"
@@ -155,3 +183,17 @@ def test_ablate_command_takes_overrides_before_and_after_the_options(tmp_path, m
     assert seen == {"knob": "aligner", "seeds": [0, 1], "overrides": ["a.b=1", "c.d=2"]}
     with pytest.raises(SystemExit):
         main(["ablate", experiment, "--knob", "aligner", "--bogus"])
+
+
+def test_report_marks_the_baseline_variant(tmp_path):
+    for variant, baseline in (("off", True), ("on", False)):
+        run = tmp_path / variant / "seed0"
+        run.mkdir(parents=True)
+        (run / "ablation.json").write_text(json.dumps({"knob": "sod", "variant": variant, "seed": 0, "baseline": baseline}))
+        (run / "summary.json").write_text(json.dumps({"student_accuracy_before": 0.1, "student_accuracy_after": 0.2}))
+    legacy = tmp_path / "old" / "seed0"  # written before the flag existed: not a baseline
+    legacy.mkdir(parents=True)
+    (legacy / "ablation.json").write_text(json.dumps({"knob": "sod", "variant": "old", "seed": 0}))
+    (legacy / "summary.json").write_text(json.dumps({}))
+    labels = [line.split("|")[1].strip() for line in markdown_table(summarise(find_runs([tmp_path]))).splitlines()[2:]]
+    assert sorted(labels) == ["`off` (baseline)", "`old`", "`on`"]

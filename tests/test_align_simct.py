@@ -203,20 +203,32 @@ def test_exact_rows_are_simct_shared_token_rows_and_simct_covers_valid_segments(
         build_aligner("exact").build_rows(seg, None),
         build_aligner("simct").build_rows(seg, None),
     )
-    shared = ~simct.is_span
+    # the expectation, from the two tokenizations' byte spans alone: the 1:1 matches (same byte
+    # span), EOS a final one; a match right after another on both sides is a shared-token row,
+    # and every student token up to the last match is supervised (the text is valid UTF-8)
+    t_ids = split_merge_pair.teacher(text, add_special_tokens=False)["input_ids"]
+
+    def spans(table: list[bytes], ids: list[int]) -> list[tuple[int, int]]:
+        ends = np.cumsum([len(table[i]) for i in ids], dtype=np.int64).tolist()
+        return [(e - len(table[i]), e) for i, e in zip(ids, ends, strict=True)]
+
+    s_spans = spans(split_merge_pair.student_bytes.table, s_ids)
+    t_index = {span: j for j, span in enumerate(spans(split_merge_pair.teacher_bytes.table, t_ids))}
+    matches = [(i, t_index[span]) for i, span in enumerate(s_spans) if span[1] > span[0] and span in t_index]
+    if eos:
+        matches.append((len(s_ids), len(t_ids)))
+    previous = [(-1, -1), *matches][: len(matches)]  # the match before each (a virtual one at the start)
+    shared = {(i, j) for (i, j), (pi, pj) in zip(matches, previous, strict=True) if (pi, pj) == (i - 1, j - 1)}
+    supervised = set(range(matches[-1][0] + 1)) if matches else set()
+
+    simct_shared = ~simct.is_span
     simct_pairs = set(
-        zip(simct.student_pos[shared].tolist(), simct.teacher_pos[shared].tolist(), strict=True)
+        zip(simct.student_pos[simct_shared].tolist(), simct.teacher_pos[simct_shared].tolist(), strict=True)
     )
-    assert (
-        set(zip(exact.student_pos.tolist(), exact.teacher_pos.tolist(), strict=True)) == simct_pairs
-    )
-    in_valid_segment = {
-        k
-        for lo, hi in zip(seg.s_lo.tolist(), seg.s_hi.tolist(), strict=True)
-        for k in range(lo, hi)
-    }
-    assert set(simct.s_members.tolist()) == in_valid_segment
-    assert simct.supervised_student_tokens >= exact.supervised_student_tokens
+    assert set(zip(exact.student_pos.tolist(), exact.teacher_pos.tolist(), strict=True)) == shared
+    assert simct_pairs == shared
+    assert sorted(simct.s_members.tolist()) == sorted(supervised)
+    assert sorted(exact.s_members.tolist()) == sorted(i for i, _ in shared)
 
 
 def test_random_span_ratio_zero_is_simct(split_merge_pair):

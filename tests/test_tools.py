@@ -441,3 +441,77 @@ def test_tool_task_sft_masks_the_observation_out_of_the_labels(split_tokenizer) 
     # without the spans every solution token is a target
     _, _, unmasked = sft_batch(split_tokenizer, [ex], "cpu", None)
     assert int((unmasked[0] != -100).sum()) > len(targets)
+
+
+class _ForcedCalls:
+    """A real tiny causal LM whose first `len(script)` generate() calls (tool turns) begin with
+    forced text: per turn, per response, the text to force (None: generate freely). After the
+    forced text the model runs free, so what it writes after an observation depends on the
+    KV cache being right."""
+
+    def __init__(self, model, tok, script: list[list[str | None]]) -> None:
+        self.model, self.tok, self.turn = model, tok, 0
+        self.script = [[None if t is None else tok(t, add_special_tokens=False)["input_ids"]
+                        for t in turn] for turn in script]
+        self.training = False
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def generate(self, input_ids, **kwargs):
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        forced = self.script[self.turn] if self.turn < len(self.script) else []
+        width = input_ids.shape[1]
+        self.turn += 1
+        # forced turns come first, while every response is still in the batch: grid row = response
+        rows = range(input_ids.shape[0])
+
+        class Force(LogitsProcessor):
+            def __call__(self, ids, scores):
+                step = ids.shape[1] - width
+                for b, row in enumerate(rows):
+                    text = forced[row] if row < len(forced) else None
+                    if text is not None and step < len(text):
+                        scores[b] = -1e9
+                        scores[b, text[step]] = 0.0
+                return scores
+
+        return self.model.generate(input_ids=input_ids, logits_processor=LogitsProcessorList([Force()]),
+                                   **kwargs)
+
+
+
+@pytest.mark.skipif(isolation_problem() is not None, reason="the calls run in the sandbox")
+def test_reused_cache_gives_the_same_greedy_responses(tok) -> None:
+    from lightning_opd.config import TinyModelConfig
+    from lightning_opd.models import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tok).eval()
+    with torch.no_grad():  # large random weights: free text that depends on all of its context
+        for weight in (p for p in model.parameters() if p.dim() > 1):
+            weight.normal_(0, 0.3)
+    call = "```python\nprint(12*34)\n```"
+    # turn 0: every response calls; turn 1: response 1 calls again, the others run free; then free
+    script = [[call, call, call], [None, call, None]]
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("What is 12*34?", "12", "import time")]
+    outs = {}
+    for reuse in (True, False):
+        tools = ToolsConfig(enabled=True, reuse_cache=reuse)
+        forced = _ForcedCalls(model, tok, script)
+        outs[reuse] = generate_with_tools(forced, tok, prompts, RolloutConfig(max_new_tokens=60), tools,
+                                          eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, greedy=True)
+    cached, refed = outs[True], outs[False]
+    assert cached.tool_calls == refed.tool_calls == [1, 2, 1]
+    assert cached.ended_with_eos == refed.ended_with_eos == [True, False, False]  # one leaves early
+    assert cached.response_ids == refed.response_ids
+    assert cached.loss_mask == refed.loss_mask and cached.step_ids == refed.step_ids
+    # the free tokens after each observation are really there (and so came through the cache)
+    assert all(m[-1] == 1 and sum(m) > 30 for m in cached.loss_mask)

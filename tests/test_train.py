@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_opd.cli import main
 from lightning_opd.config import load
+from lightning_opd.module import OPDModule
 from lightning_opd.train import SUMMARY_KEYS, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +36,24 @@ def tiny_cfg(tmp_path: Path, cache_dir: Path, *extra: str, experiment: str = "de
     return load(ROOT / "configs" / "experiment" / f"{experiment}.yaml", overrides=overrides)
 
 
+def step_rows(summary: dict) -> list[dict[str, str]]:
+    """The metrics.csv rows of the run's training steps (those that logged a loss)."""
+    rows = csv.DictReader((Path(summary["run_dir"]) / "metrics.csv").open())
+    return [r for r in rows if r.get("train/loss")]
+
+
+def assert_trained(summary: dict, steps: int) -> list[dict[str, str]]:
+    """What any training run must show: every step ran and logged a finite loss, and the loss moved
+    (the student was updated, and a different batch was drawn). Returns the step rows."""
+    assert summary["steps"] == steps
+    rows = step_rows(summary)
+    losses = [float(r["train/loss"]) for r in rows]
+    assert len(losses) == steps and all(math.isfinite(x) for x in losses), losses
+    assert len(set(losses)) > 1, f"the loss did not change over the run: {losses}"
+    assert math.isfinite(summary["final_loss"]) and summary["final_loss"] == losses[-1]
+    return rows
+
+
 def test_train_writes_run_directory_and_summary(tmp_path, cache_dir):
     summary = train(tiny_cfg(tmp_path, cache_dir, "run.name=run1"))
     run_dir = tmp_path / "run1"
@@ -48,8 +69,7 @@ def test_train_writes_run_directory_and_summary(tmp_path, cache_dir):
     for name in ("train/loss", "train/coverage", "train/response_len", "train/reward", "perf/rollout_s",
                  "perf/teacher_s", "perf/align_s", "perf/update_s", "val/accuracy"):  # fmt: skip
         assert name in columns, name
-    losses = [float(r["train/loss"]) for r in rows if r["train/loss"]]
-    assert len(losses) == 2 and all(x == x for x in losses)  # finite, not NaN
+    assert_trained(summary, steps=2)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
@@ -70,10 +90,16 @@ def test_resume_from_checkpoint_continues_the_step_count(tmp_path, cache_dir):
     assert len([r for r in rows if r["train/loss"]]) == 1  # only the third step ran
 
 
-@pytest.mark.parametrize("form", ["full", "sampled"])
-def test_both_loss_forms_train(tmp_path, cache_dir, form):
-    summary = train(tiny_cfg(tmp_path, cache_dir, f"loss.form={form}", "trainer.max_steps=1"))
-    assert summary["final_loss"] == summary["final_loss"]
+def test_both_loss_forms_train(tmp_path, cache_dir):
+    first_loss = {}
+    for form in ("full", "sampled"):
+        summary = train(tiny_cfg(tmp_path, cache_dir, f"loss.form={form}", f"run.name={form}", "trainer.max_steps=2"))
+        rows = assert_trained(summary, steps=2)
+        first_loss[form] = float(rows[0]["train/loss"])
+        if form == "full":  # a KL between distributions: never negative
+            assert all(float(r["train/loss"]) >= 0 for r in rows)
+    # same seed, so the same first rollout: the two forms must score it differently
+    assert first_loss["full"] != pytest.approx(first_loss["sampled"], rel=1e-3), first_loss
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "experiment").glob("*.yaml")), ids=lambda p: p.stem)
@@ -110,8 +136,37 @@ def test_tool_sod_run_logs_tool_and_step_metrics(tmp_path, cache_dir):
     assert records and all(len(r["d"]) == len(r["w"]) and r["w"][0] == 1.0 for r in records)
 
 
-def test_grpo_mixing_with_sod_weights_trains(tmp_path, cache_dir):
-    summary = train(tiny_cfg(tmp_path, cache_dir, "trainer.max_steps=1", "rl.outcome_coef=1.0",
-                             "rollout.samples_per_prompt=2", "sod.enabled=true", "sod.split=delimiter",
-                             "sod.delimiter=' '"))  # fmt: skip
-    assert summary["final_loss"] == summary["final_loss"]
+def first_sample_right(self, rollout, texts: list[str], answered: list) -> list[float]:
+    """Rewards that differ within every group: the first answer to each prompt is right."""
+    seen: set[int] = set()
+    rewards = []
+    for prompt in rollout.prompt_index:
+        rewards.append(0.0 if prompt in seen else 1.0)
+        seen.add(prompt)
+    return rewards
+
+
+def steps_of_four_tokens(self, rollout, texts: list[str], offsets: torch.Tensor) -> torch.Tensor:
+    """SOD steps of four tokens each: a two-step SFT student writes no delimiter nor valid UTF-8."""
+    return torch.cat([torch.arange(int(n)) // 4 for n in offsets.diff()])
+
+
+def test_grpo_mixing_with_sod_weights_trains(tmp_path, cache_dir, monkeypatch):
+    # a tiny student answers nothing right, so every group's rewards are equal and Â = 0, and its
+    # text has no step delimiters: rewards that differ within each group and steps of four
+    # tokens stand in, so that both the outcome term and the SOD weights act
+    monkeypatch.setattr(OPDModule, "rewards", first_sample_right)
+    monkeypatch.setattr(OPDModule, "packed_step_ids", steps_of_four_tokens)
+    summary = train(tiny_cfg(tmp_path, cache_dir, "trainer.max_steps=2", "rl.outcome_coef=1.0",
+                             "rollout.samples_per_prompt=2", "sod.enabled=true"))  # fmt: skip
+    rows = assert_trained(summary, steps=2)
+    # the outcome term is on: two answers per prompt, rewards 1 and 0 -> |Â| = 1 for each
+    assert [float(r["train/outcome_term"]) for r in rows] == pytest.approx([1.0, 1.0], abs=1e-4)
+    # the SOD weights are on, and not all 1 (a later step diverging more gets w < 1)
+    assert all(float(r["train/sod/steps"]) > 1 for r in rows)
+    assert any(float(r["train/sod/w_min"]) < 1 for r in rows)
+
+
+def test_outcome_term_is_not_logged_without_grpo_mixing(tmp_path, cache_dir):
+    summary = train(tiny_cfg(tmp_path, cache_dir, "trainer.max_steps=1"))
+    assert "train/outcome_term" not in step_rows(summary)[0]

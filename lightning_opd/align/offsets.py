@@ -27,6 +27,8 @@ both end. A 1:1 match ends at such an offset, so these segments refine the match
 
 from __future__ import annotations
 
+import difflib
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,6 +105,7 @@ class SequenceSegments:
     n_student: int  # student response tokens, EOS included
     n_invalid: int  # student tokens touching invalid bytes
     n_excluded: int = 0  # of the n_student, tokens that are not the model's (tool observations)
+    n_unmapped: int = 0  # student tokens over text that the teacher changed beyond a normal form
 
     @property
     def n_model(self) -> int:
@@ -120,6 +123,7 @@ def segment(
     boundary: str = AlignerConfig.boundary,
     s_excluded: np.ndarray | None = None,
     edges: np.ndarray | None = None,
+    t_map: ByteMap | None = None,
 ) -> SequenceSegments:
     """Close a segment at every 1:1 match of student and teacher byte spans (`boundary="match"`)
     or at every common byte boundary (`boundary="offset"`), and at every edge in `edges`.
@@ -134,6 +138,10 @@ def segment(
     edges: (E,) byte offsets in the shared text (the repaired one, where the student's bytes
         were repaired) where a segment must close: the observations' edges. An edge closes a
         segment only where a non-empty token of each side ends exactly there.
+    t_map: where the teacher's bytes differ from the text (a normaliser, a dummy prefix), the
+        map of its byte offsets onto the text's (`teacher_byte_map`): teacher spans are mapped
+        into the text, a teacher token with an unanchored edge closes nothing (it counts as
+        empty), and student tokens over `unmapped` text bytes are left unsupervised.
     """
     if boundary not in BOUNDARIES:
         raise ValueError(f"boundary={boundary!r}; expected one of {BOUNDARIES}")
@@ -142,9 +150,15 @@ def segment(
     s_invalid = np.zeros(len(s_lengths), bool)
     if s_offset_map is not None:
         if s_bad_bytes is not None and s_bad_bytes.any():
-            bad_prefix = np.concatenate([[0], np.cumsum(s_bad_bytes)])
-            s_invalid = bad_prefix[s_end] > bad_prefix[s_start]
+            s_invalid = _touches(s_bad_bytes, s_start, s_end)
         s_start, s_end = s_offset_map[s_start], s_offset_map[s_end]
+    s_unmapped = np.zeros(len(s_lengths), bool)
+    if t_map is not None:
+        closable = t_map.anchored[t_start] & t_map.anchored[t_end]
+        t_start, t_end = t_map.to_text[t_start], t_map.to_text[t_end]
+        t_start = np.where(closable, t_start, t_end)  # made empty: it matches and ends nowhere
+        if t_map.unmapped.any():
+            s_unmapped = _touches(t_map.unmapped, s_start, s_end)
     if boundary == "offset":
         s_match, t_match = _common_boundaries(s_start, s_end, t_start, t_end)
     else:
@@ -157,7 +171,9 @@ def segment(
     if eos:
         s_bounds = np.append(s_bounds, len(s_lengths) + 1)
         t_bounds = np.append(t_bounds, len(t_lengths) + 1)
-    unsupervised = s_invalid if s_excluded is None else (s_invalid | s_excluded.astype(bool))
+    unsupervised = s_invalid | s_unmapped
+    if s_excluded is not None:
+        unsupervised = unsupervised | s_excluded.astype(bool)
     invalid_prefix = np.concatenate([[0], np.cumsum(np.append(unsupervised, False))])
     valid = invalid_prefix[s_bounds[1:]] == invalid_prefix[s_bounds[:-1]]
     return SequenceSegments(
@@ -167,7 +183,14 @@ def segment(
         n_student=len(s_lengths) + int(eos),
         n_invalid=int(s_invalid.sum()),
         n_excluded=0 if s_excluded is None else int(np.count_nonzero(s_excluded)),
+        n_unmapped=int(np.count_nonzero(s_unmapped & ~s_invalid)),
     )
+
+
+def _touches(marked: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """(n,) bool: the byte span [start, end) of each token holds a `marked` byte ((L,) bool)."""
+    prefix = np.concatenate([[0], np.cumsum(marked, dtype=np.int64)])
+    return prefix[end] > prefix[start]
 
 
 def _matches(s_start: np.ndarray, s_end: np.ndarray, t_start: np.ndarray, t_end: np.ndarray,
@@ -230,3 +253,111 @@ def _common_boundaries(s_start: np.ndarray, s_end: np.ndarray, t_start: np.ndarr
         s_end[s_nonempty], t_end[t_nonempty], assume_unique=True, return_indices=True
     )
     return s_nonempty[s_at], t_nonempty[t_at]
+
+
+# --- the teacher's bytes, mapped back to the text ----------------------------------------------
+
+
+@dataclass
+class ByteMap:
+    """A monotone map from offsets in the teacher's bytes (what its tokens spell) to offsets in
+    the response text, for a teacher whose normaliser or dummy prefix changed the text.
+
+    to_text: (n_t+1,) int64, non-decreasing: teacher byte offset -> text byte offset.
+    anchored: (n_t+1,) bool, True where the offset is a boundary both strings share: inside or at
+        the edge of a stretch they spell alike, or at the edge of a stretch the teacher changed.
+        Only a teacher token that starts and ends at anchored offsets can close a segment.
+    unmapped: (n_text,) bool, text bytes the teacher replaced by something that is not a Unicode
+        normal form of them: the segments holding them are left unsupervised.
+    """
+
+    to_text: np.ndarray
+    anchored: np.ndarray
+    unmapped: np.ndarray
+
+
+def utf8_offsets(text: str) -> np.ndarray:
+    """(len(text)+1,) int64: the byte offset in text.encode() of each character offset."""
+    codepoints = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    widths = 1 + (codepoints >= 0x80) + (codepoints >= 0x800) + (codepoints >= 0x10000)
+    return np.concatenate([[0], np.cumsum(widths, dtype=np.int64)])
+
+
+def _common_ends(a: str, b: str) -> tuple[int, int]:
+    """Lengths (characters) of the common head and of the common tail after it."""
+    x = np.frombuffer(a.encode("utf-32-le"), np.uint32)
+    y = np.frombuffer(b.encode("utf-32-le"), np.uint32)
+    n = min(len(x), len(y))
+    differ = np.flatnonzero(x[:n] != y[:n])
+    head = int(differ[0]) if len(differ) else n
+    m = n - head
+    differ = np.flatnonzero(x[len(x) - m :][::-1] != y[len(y) - m :][::-1]) if m else np.zeros(0)
+    return head, int(differ[0]) if len(differ) else m
+
+
+def char_opcodes(a: str, b: str) -> list[tuple[str, int, int, int, int]]:
+    """difflib opcodes (equal | replace | delete | insert, a[i0:i1], b[j0:j1]) turning a into b.
+    The common head and tail are cut first: for a dummy prefix that is the whole diff, and
+    difflib (quadratic at worst) only sees the stretch between the first and last change."""
+    head, tail = _common_ends(a, b)
+    ops = [("equal", 0, head, 0, head)] if head else []
+    mid = difflib.SequenceMatcher(None, a[head : len(a) - tail], b[head : len(b) - tail], autojunk=False)
+    ops += [(tag, i0 + head, i1 + head, j0 + head, j1 + head) for tag, i0, i1, j0, j1 in mid.get_opcodes()]
+    if tail:
+        ops.append(("equal", len(a) - tail, len(a), len(b) - tail, len(b)))
+    return _merge_changes(ops)
+
+
+def _merge_changes(ops: list[tuple[str, int, int, int, int]]) -> list[tuple[str, int, int, int, int]]:
+    """Adjacent changes as one (difflib may split `é` -> `e` + U+0301 into a delete and an
+    insert): one changed stretch is mapped, or checked, as a whole."""
+    merged: list[tuple[str, int, int, int, int]] = []
+    for op in ops:
+        if merged and op[0] != "equal" and merged[-1][0] != "equal":
+            _, i0, _, j0, _ = merged.pop()
+            op = (op[0], i0, op[2], j0, op[4])
+        if op[0] != "equal":
+            op = ({(True, True): "replace", (True, False): "delete", (False, True): "insert"}[
+                (op[2] > op[1], op[4] > op[3])], *op[1:])  # fmt: skip
+        merged.append(op)
+    return merged
+
+
+def _normal_form_of(changed: str, original: str) -> bool:
+    return unicodedata.normalize("NFKC", changed) == unicodedata.normalize("NFKC", original)
+
+
+def teacher_byte_map(teacher: bytes, text: bytes) -> ByteMap | None:
+    """The map of the teacher's bytes onto the text's bytes (`ByteMap`), from a character diff;
+    None when the teacher's bytes are not UTF-8.
+
+    A stretch only the teacher has (a dummy prefix `▁`, a space it inserted) collapses onto one
+    text offset; a stretch both changed (NFC: `é` for `e` + U+0301) maps end to end; a stretch
+    only the text has (what a normaliser dropped) falls inside the teacher token after it, and
+    the teacher offset there is unanchored (its two sides are two text offsets).
+    """
+    try:
+        t_str = teacher.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    s_str = text.decode("utf-8")
+    t_at, s_at = utf8_offsets(t_str), utf8_offsets(s_str)
+    to_text = np.zeros(len(teacher) + 1, np.int64)
+    anchored = np.zeros(len(teacher) + 1, bool)
+    unmapped = np.zeros(len(text), bool)
+    dropped = []  # teacher offsets where the text has a stretch the teacher has not
+    for tag, i0, i1, j0, j1 in char_opcodes(t_str, s_str):  # a handful of stretches, not tokens
+        a0, a1, b0, b1 = t_at[i0], t_at[i1], s_at[j0], s_at[j1]
+        if tag == "equal":
+            to_text[a0 : a1 + 1] = np.arange(b0, b1 + 1)
+            anchored[a0 : a1 + 1] = True
+        elif tag == "insert":
+            dropped.append(a0)
+        else:  # delete (teacher only) or replace: anchored at both edges only
+            to_text[a0:a1] = b0
+            to_text[a1] = b1
+            anchored[[a0, a1]] = True
+            if tag == "replace" and not _normal_form_of(t_str[i0:i1], s_str[j0:j1]):
+                unmapped[b0:b1] = True
+    anchored[dropped] = False
+    return ByteMap(to_text, anchored, unmapped)

@@ -26,6 +26,11 @@ observation token and is left unsupervised, with everything up to the next closu
 after it shifts (tests/test_observations.py has such a case).
 If the teacher's pieces do not spell the text (a tokenizer that adds a prefix per call), it
 tokenizes the whole text instead and segments close at 1:1 matches only.
+
+Where the teacher's own bytes differ from the text (a SentencePiece dummy prefix `▁`, an NFC
+normaliser), alignment runs on the teacher's bytes through a monotone byte map back to the text
+(`offsets.teacher_byte_map`): only stretches that cannot be mapped stay unsupervised. A response
+is unaligned (None, with its cause in `unaligned_causes`) only where nothing can be mapped.
 """
 
 from __future__ import annotations
@@ -35,7 +40,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from lightning_opd.align.base import BatchSegments, pack_segments
-from lightning_opd.align.offsets import SequenceSegments, repair_utf8, segment
+from lightning_opd.align.offsets import (
+    ByteMap,
+    SequenceSegments,
+    repair_utf8,
+    segment,
+    teacher_byte_map,
+)
 from lightning_opd.align.vocab import SharedVocab, TokenBytes, build_shared_vocab
 from lightning_opd.config import AlignerConfig
 
@@ -74,6 +85,7 @@ class SegmentedResponses:
     teacher_ids: list[list[int]]  # teacher response tokens, EOS appended where the student ended
     per_response: list[SequenceSegments | None]  # None: the two tokenizations disagree on the text
     model_tokens: list[int]  # per response, the model's own tokens (EOS included, observations not)
+    unaligned_causes: list[str | None]  # per response, why it is unaligned (None: it is aligned)
 
 
 @dataclass
@@ -94,8 +106,15 @@ def _one_token_per_segment(n: int, eos: bool, excluded: np.ndarray | None) -> Se
 
 
 def tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Each text's ids, no special tokens, in one batched call ([] for no texts)."""
-    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    """Each text's ids, no special tokens, in one batched call ([] for no texts).
+
+    Text that spells a control token (`<|im_start|>` in a response) is tokenized as the plain
+    text it is (`split_special_tokens`): a response never turns into the teacher's control
+    tokens, whose bytes are empty and would leave the sequence unaligned. Added tokens that are
+    not special (`<tool_call>` markup) still take their own id."""
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def piece_bounds(excluded: np.ndarray | None, n: int) -> np.ndarray:
@@ -147,6 +166,19 @@ def teacher_tokens(pair: TokenizerPair, pieces: dict[int, list[str]],
     return ids_of, set(whole)
 
 
+def map_teacher_bytes(teacher: bytes, text: bytes) -> tuple[ByteMap | None, str | None]:
+    """(map, cause): no map where the teacher's bytes spell the text (the usual case); the byte
+    map where its normaliser or prefix changed them; a cause instead where nothing can be mapped."""
+    if teacher == text:
+        return None, None
+    t_map = teacher_byte_map(teacher, text)
+    if t_map is None:
+        return None, "the teacher's tokens do not spell UTF-8 text"
+    if t_map.unmapped.all() and len(text):
+        return None, "the teacher's normaliser rewrote the whole text"
+    return t_map, None
+
+
 def _lengths(table: np.ndarray, ids: list[int]) -> np.ndarray:
     """(n,) byte length of each token."""
     return table[np.asarray(ids, np.int64)] if len(ids) else np.zeros(0, np.int64)
@@ -183,6 +215,7 @@ def segment_responses(
         pieces[b] = piece_texts(data, edges[b])
     teacher_of, whole = teacher_tokens(pair, pieces, texts)
     teacher_ids, per_response = [], []
+    causes: list[str | None] = [None] * len(student_ids)
     for b, (ids, eos) in enumerate(zip(student_ids, ended_with_eos, strict=True)):
         text, offset_map, bad = decoded[b]
         if b not in teacher_of:  # identical tokenizers, valid UTF-8: the teacher scores the same ids
@@ -191,8 +224,10 @@ def segment_responses(
             continue
         t_ids = teacher_of[b]
         teacher_ids.append(list(t_ids) + ([teacher_eos] if eos else []))
-        if pair.teacher_bytes.join(t_ids) != text.encode("utf-8"):
-            per_response.append(None)  # the teacher normalised the text: nothing to align safely
+        t_map, cause = map_teacher_bytes(pair.teacher_bytes.join(t_ids), text.encode("utf-8"))
+        causes[b] = cause
+        if cause is not None:
+            per_response.append(None)
             continue
         t_lengths = _lengths(pair.teacher_bytes.lengths, t_ids)
         repaired = bad.any()
@@ -206,11 +241,26 @@ def segment_responses(
                 boundary=boundary,
                 s_excluded=excluded[b],
                 edges=None if b in whole else edges[b][1:-1],
+                t_map=t_map,
             )
         )
     model_tokens = [len(ids) - (0 if x is None else int(np.count_nonzero(x))) + int(e)
                     for ids, x, e in zip(student_ids, excluded, ended_with_eos, strict=True)]  # fmt: skip
-    return SegmentedResponses(texts, teacher_ids, per_response, model_tokens)
+    return SegmentedResponses(texts, teacher_ids, per_response, model_tokens, causes)
+
+
+UNALIGNED_WARN_FRACTION = 0.01  # more than this fraction of a step's responses unaligned: warn
+
+
+def unaligned_warning(out: SegmentedResponses) -> str | None:
+    """A warning naming the cause when more than 1% of the responses are unaligned (their tokens
+    are unsupervised but still count in the loss normaliser); None otherwise."""
+    causes = [c for c in out.unaligned_causes if c is not None]
+    if len(causes) <= UNALIGNED_WARN_FRACTION * len(out.unaligned_causes):
+        return None
+    most = max(set(causes), key=causes.count)
+    return (f"{len(causes)} of {len(out.unaligned_causes)} responses are unaligned (no supervision; "
+            f"counted in train/unaligned_sequences): {most}")  # fmt: skip
 
 
 def packed_offsets(lengths: list[int]) -> np.ndarray:
@@ -236,4 +286,5 @@ def align_batch(
     s_offsets = packed_offsets([len(ids) + int(eos) for ids, eos in zip(student_ids, ended_with_eos, strict=True)])
     t_offsets = packed_offsets([len(ids) for ids in out.teacher_ids])
     packed = pack_segments(out.per_response, s_offsets, t_offsets, model_tokens=out.model_tokens, boundary=boundary)
-    return AlignedBatch(out.texts, out.teacher_ids, out.per_response, out.model_tokens, packed)
+    return AlignedBatch(out.texts, out.teacher_ids, out.per_response, out.model_tokens, out.unaligned_causes,
+                        packed)

@@ -10,6 +10,11 @@ and trains it into `<out>/<experiment>/<knob>/<variant>/seed<S>/` (the data seed
 different validation set, as in docs/results.md). After all runs it writes `table.md` and
 `curves.png` there (report.py).
 
+Baseline: the overlay of a knob whose values are the experiment's own (`aligner/simct.yaml` for
+the default experiment) holds a line `# baseline`. It changes nothing; it is there so the knob's
+table has the reference row, which the report marks `(baseline)`. Every other overlay must
+change the resolved config (tests/test_ablate.py checks both).
+
 Resuming: a run with a `summary.json` is finished and skipped; a run directory without one
 was interrupted and resumes from its last checkpoint (`checkpoints/last.ckpt`, written every
 `trainer.checkpoint_every_n_steps`, which the runner sets to a fifth of the run when the
@@ -34,6 +39,12 @@ from pathlib import Path
 from lightning_opd.config import CONFIG_DIR, Config, ConfigError, load
 
 ABLATION_DIR = CONFIG_DIR / "ablation"
+BASELINE_MARKER = "# baseline"
+
+
+def is_baseline(overlay: Path) -> bool:
+    """The overlay is marked as its knob's baseline variant: a line `# baseline`."""
+    return any(line.strip() == BASELINE_MARKER for line in overlay.read_text().splitlines())
 
 
 @dataclass(frozen=True)
@@ -120,7 +131,8 @@ def ablate(experiment: str | Path, knob: str, seeds: list[int], out: str | Path 
         if run.run_dir.exists() and not configs[run].run.resume_from:
             shutil.rmtree(run.run_dir)  # an interrupted run without a checkpoint starts again
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / "ablation.json").write_text(json.dumps({"knob": knob, "variant": run.variant, "seed": run.seed}))
+        (run.run_dir / "ablation.json").write_text(json.dumps({"knob": knob, "variant": run.variant, "seed": run.seed,
+                                                                 "baseline": is_baseline(run.overlay)}))
         start = time.time()
         try:
             summary = train(configs[run])

@@ -2,6 +2,7 @@
 
     lightning-opd align --student fixture:qwen2.5 --teacher fixture:gpt2 \\
         --aligner exact,simct data/gsm8k/test.jsonl [--field answer] [--json]
+        [--student-eos TOKEN] [--teacher-eos TOKEN]
 
 Coverage (DESIGN §3.5) is the fraction of the student's response tokens that end up in some
 supervision row. Each text of the file is treated as a whole response that ended with EOS, as in
@@ -129,8 +130,9 @@ def quiet_hub_logging() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def load_spec(spec: str, role: str):
-    """A tokenizer from SPEC: tokenizer.json, directory, hub id, or fixture:NAME."""
+def load_spec(spec: str, role: str, eos: str | None = None):
+    """A tokenizer from SPEC: tokenizer.json, directory, hub id, or fixture:NAME; `eos` names its
+    EOS token (None: its own, else its first end-of-text token, `models.EOS_PREFERENCE`)."""
     from lightning_opd.models import load_tokenizer
 
     looks_like_path = spec.endswith(".json") or spec.startswith((".", "/", "~"))
@@ -138,7 +140,8 @@ def load_spec(spec: str, role: str):
         raise AlignCommandError(f"--{role} {spec}: no such file or directory")
     try:
         with quiet_hub_logging():
-            return load_tokenizer(TokenizerConfig(source=str(Path(spec).expanduser()) if looks_like_path else spec))
+            source = str(Path(spec).expanduser()) if looks_like_path else spec
+            return load_tokenizer(TokenizerConfig(source=source, eos=eos))
     except Exception as err:  # ModelLoadError, or a malformed tokenizer file
         message = str(err).splitlines()[0] if str(err) else err.__class__.__name__
         raise AlignCommandError(f"--{role} {spec}: {message}") from None
@@ -175,6 +178,8 @@ def add_align_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="JSONL file; each line's --field is one response text")
     parser.add_argument("--student", required=True, help="tokenizer SPEC: tokenizer.json, directory, hub id, fixture:NAME")
     parser.add_argument("--teacher", required=True, help="tokenizer SPEC (as --student)")
+    parser.add_argument("--student-eos", help="the student's EOS token (default: its own, else its end-of-text token)")
+    parser.add_argument("--teacher-eos", help="the teacher's EOS token (as --student-eos)")
     parser.add_argument("--aligner", default="exact", help="registered aligner names, comma-separated (default: exact)")
     parser.add_argument("--field", default="answer", help="JSON field holding the text (default: answer)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="texts per batch (default: 256)")
@@ -206,8 +211,8 @@ def run_align(args: argparse.Namespace) -> int:
         if args.batch_size < 1:
             raise AlignCommandError(f"--batch-size must be >= 1, got {args.batch_size}")
         texts = read_texts(args.file, args.field)
-        student = load_spec(args.student, "student")
-        teacher = load_spec(args.teacher, "teacher")
+        student = load_spec(args.student, "student", args.student_eos)
+        teacher = load_spec(args.teacher, "teacher", args.teacher_eos)
     except AlignCommandError as err:
         print(f"lightning-opd align: {err}", file=sys.stderr)
         return 2

@@ -258,7 +258,7 @@ class Pretokenized:
         self.tokenizer = tokenizer
         self.ids = dict(zip(texts, tokenize(tokenizer, texts), strict=True))
 
-    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict:
+    def __call__(self, texts: list[str], **options) -> dict:  # options as `pairing.tokenize` passes them
         return {"input_ids": [self.ids[text] for text in texts]}
 
     def __getattr__(self, name: str):

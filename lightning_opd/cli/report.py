@@ -1,8 +1,9 @@
 """`lightning-opd report RUN_DIR...`: one table and one plot from any set of finished runs.
 
 A run directory (written by `train`) holds `summary.json`, `metrics.csv` and `config.yaml`; the
-ablation runner adds `ablation.json` ({"knob", "variant", "seed"}). Runs are grouped by
-*variant*: the ablation's variant name where there is one, else `<experiment>/<aligner>`.
+ablation runner adds `ablation.json` ({"knob", "variant", "seed", "baseline"}). Runs are grouped
+by *variant*: the ablation's variant name where there is one, else `<experiment>/<aligner>`; the
+knob's baseline variant (its overlay changes nothing, ablate.py) reads `name` (baseline).
 Per variant, over its seeds (mean ± sample sd; a single seed shows ± 0):
 
     variant | seeds | student before | student after | gain | coverage | final loss | steps/s
@@ -38,6 +39,7 @@ class RunRecord:
     seed: int
     summary: dict
     metrics: list[dict] = field(default_factory=list)  # rows of metrics.csv, values as floats
+    baseline: bool = False  # the knob's baseline variant (ablation.json)
 
     def series(self, column: str) -> tuple[list[int], list[float]]:
         """(steps, values) of one logged column, in step order, rows without it skipped."""
@@ -95,7 +97,8 @@ def load_run(run_dir: str | Path) -> RunRecord:
     if metrics_path.is_file():
         with metrics_path.open() as f:
             metrics = [{k: _float_or_nan(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    return RunRecord(run_dir, variant, _seed_of(run_dir, ablation), summary, metrics)
+    return RunRecord(run_dir, variant, _seed_of(run_dir, ablation), summary, metrics,
+                     baseline=bool(ablation.get("baseline", False)))
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[RunRecord]:
@@ -121,6 +124,7 @@ class VariantSummary:
     steps_per_second: list[float]
     tool_calls: list[float] = field(default_factory=list)  # per response, mean over steps
     tool_success: list[float] = field(default_factory=list)  # successful calls / calls
+    baseline: bool = False  # the knob's baseline variant: shown as `name` (baseline)
 
     @property
     def gain(self) -> list[float]:
@@ -154,6 +158,7 @@ def summarise(runs: Sequence[RunRecord]) -> list[VariantSummary]:
             steps_per_second=values(group, lambda r: r.steps_per_second),
             tool_calls=values(group, lambda r: r.mean_of("train/tool_calls")),
             tool_success=values(group, lambda r: r.mean_of("train/tool_success_rate")),
+            baseline=any(r.baseline for r in group),
         ))  # fmt: skip
     return out
 
@@ -181,7 +186,7 @@ def markdown_table(summaries: Sequence[VariantSummary]) -> str:
     header = TABLE_HEADER + (TOOL_HEADER if tools else ())
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
-        cells = [f"`{s.variant}`", ",".join(map(str, s.seeds)), mean_sd(s.before), mean_sd(s.after),
+        cells = [f"`{s.variant}`" + (" (baseline)" if s.baseline else ""), ",".join(map(str, s.seeds)), mean_sd(s.before), mean_sd(s.after),
                  mean_sd(s.gain, signed=True), mean_sd(s.coverage, 4), mean_sd(s.final_loss, 4),
                  mean_sd(s.steps_per_second, 2)]  # fmt: skip
         if tools:

@@ -38,7 +38,7 @@ class Rollout:
         return [len(r) + int(e) for r, e in zip(self.response_ids, self.ended_with_eos, strict=False)]
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max((len(s) for s in seqs), default=0)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -67,7 +67,7 @@ def generate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    ids, mask = _left_pad(prompt_ids, pad_id)
+    ids, mask = left_pad(prompt_ids, pad_id)
     n = 1 if greedy else cfg.samples_per_prompt
     sampling = {} if greedy else {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
     try:
@@ -106,7 +106,7 @@ def response_logits(
     owns packed positions offsets[b]:offsets[b+1]. Empty responses own no position.
     """
     device = next(model.parameters()).device
-    p_ids, p_mask = _left_pad(prompts, pad_id)  # (B, P)
+    p_ids, p_mask = left_pad(prompts, pad_id)  # (B, P)
     width = max((len(r) for r in responses), default=0)
     r_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
     r_mask = torch.zeros((len(responses), width), dtype=torch.long)

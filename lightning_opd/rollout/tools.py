@@ -38,10 +38,9 @@ turns (-1 on observations): the SOD steps of `weighting.py`. The budget `max_new
 all response tokens (model + observation + EOS). A response stops at EOS, when its budget is spent
 (an observation is cut to fit), or at a call beyond `max_turns` (kept, not run).
 
-Each turn re-feeds the whole prompt + response to `generate`: the KV cache is not carried across
-turns. Measured on tiny models (docs/performance.md), that re-prefill costs 11-27% of a
-multi-turn rollout on CPU. Carrying the cache over means realigning each response's keys and values
-under the new left padding. That change, with a greedy equality test, is not done yet.
+The KV cache is carried across turns (`_TurnGrid`): a turn feeds only the observation and the
+last sampled token, not the whole prompt and response again (the re-feed cost 11-27% of a
+multi-turn rollout on CPU, docs/performance.md). `tools.reuse_cache=false` re-feeds every turn.
 """
 
 from __future__ import annotations
@@ -56,7 +55,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from lightning_opd.config import RolloutConfig, SandboxConfig, ToolsConfig
-from lightning_opd.rollout.generate import Rollout, generate
+from lightning_opd.rollout.generate import Rollout, generate, left_pad
 from lightning_opd.rollout.sandbox import ToolResult, run_python_batch
 
 FORMATS = ("fenced", "hermes")
@@ -327,25 +326,53 @@ class ToolCallStop(StoppingCriteria):
         return done.to(input_ids.device)
 
 
-class _WithStopping:
-    """The model as `generate.generate` sees it, with a stopping criterion added to generate()
-    (generate.generate takes none; the adapter keeps one generation code path)."""
+class _TurnGrid:
+    """The active responses' tokens as one left-padded grid, carried from turn to turn with the
+    model's KV cache, so that a turn feeds only what is new (the observation and the last
+    sampled token) instead of the whole prompt and response again.
 
-    def __init__(self, model, criterion: StoppingCriteria) -> None:
-        self.model, self.criterion = model, criterion
+    Tokens a turn generated but the loop cut off (after a call's closing marker, past a
+    response's budget, the padding of a response that stopped early) stay in the grid and in the
+    cache but get attention mask 0; so do the pads that right-align each response's
+    observation. HF derives position ids from the mask (cumsum), so a hole changes nothing
+    for the tokens after it: the output equals a clean re-feed (tests/test_tools.py checks
+    greedy equality with `tools.reuse_cache=false`, which rebuilds the grid from the kept
+    tokens alone every turn, without holes or cache).
+    """
 
-    training = property(lambda self: self.model.training)
-    parameters = property(lambda self: self.model.parameters)
+    def __init__(self, prompts: list[list[int]], pad_id: int, device) -> None:
+        ids, mask = left_pad(prompts, pad_id)
+        self.ids, self.mask, self.pad_id, self.cache = ids.to(device), mask.to(device), pad_id, None
 
-    def train(self, mode: bool = True):
-        self.model.train(mode)
-        return self
+    def generate(self, model, stop: StoppingCriteria, max_new: int, sampling: dict[str, Any],
+                 eos_id: int, reuse_cache: bool) -> torch.Tensor:
+        """One turn for every row of the grid; returns the new columns (B, n)."""
+        width = self.ids.shape[1]
+        out = model.generate(
+            input_ids=self.ids, attention_mask=self.mask, cache=self.cache if reuse_cache else None,
+            max_new_tokens=max_new, eos_token_id=eos_id, pad_token_id=self.pad_id, use_cache=True,
+            stopping_criteria=StoppingCriteriaList([stop]), return_dict_in_generate=True,
+            **sampling,
+        )
+        sequences = getattr(out, "sequences", out)  # (B, width + n)
+        self.cache = getattr(out, "cache", None) if reuse_cache else None
+        self.mask = torch.cat([self.mask, torch.zeros_like(sequences[:, width:])], 1)
+        self.ids = sequences
+        return sequences[:, width:]
 
-    def eval(self):
-        return self.train(False)
+    def keep(self, row: int, start: int, count: int) -> None:
+        """Attend to `count` tokens of `row` from grid column `start` (what the loop kept)."""
+        self.mask[row, start : start + count] = 1
 
-    def generate(self, **kwargs):
-        return self.model.generate(**kwargs, stopping_criteria=StoppingCriteriaList([self.criterion]))
+    def next_turn(self, rows: list[int], appended: list[list[int]]) -> None:
+        """Keep only `rows` (grid rows, in order) and append each one's tokens right-aligned."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.ids.device)
+        self.ids, self.mask = self.ids[index], self.mask[index]
+        if self.cache is not None:
+            self.cache.batch_select_indices(index)
+        block, block_mask = left_pad(appended, self.pad_id)
+        self.ids = torch.cat([self.ids, block.to(self.ids.device)], 1)
+        self.mask = torch.cat([self.mask, block_mask.to(self.mask.device)], 1)
 
 
 @torch.no_grad()
@@ -368,50 +395,64 @@ def generate_with_tools(
     mask: list[list[int]] = [[] for _ in range(n_responses)]
     steps: list[list[int]] = [[] for _ in range(n_responses)]
     calls, successes, ended = [0] * n_responses, [0] * n_responses, [False] * n_responses
+    sampling = ({"do_sample": False} if greedy else
+                {"do_sample": True, "temperature": rollout_cfg.temperature, "top_p": rollout_cfg.top_p, "top_k": 0})
     active = [i for i in range(n_responses) if budget > 0]
-    while active:
-        room = [budget - len(resp[i]) for i in active]  # tokens each response may still add
-        prefixes = [prompts[i] + resp[i] for i in active]
-        stop = ToolCallStop(tokenizer, fmt, max(len(p) for p in prefixes), room)
-        turn_cfg = RolloutConfig(temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
-                                 max_new_tokens=max(room), samples_per_prompt=1)
-        adapter: Any = _WithStopping(model, stop)
-        out = generate(adapter, prefixes, turn_cfg, eos_id=eos_id, pad_id=pad_id, greedy=greedy)
-        pending: list[tuple[int, ToolCall]] = []
-        for j, i in enumerate(active):
-            new, eos, call = out.response_ids[j], out.ended_with_eos[j], None
-            cut = _call_cut(tokenizer, new, fmt)
-            if cut is not None and cut[0] < room[j]:  # a call, with room left for its output
-                (length, call), eos = cut, False
-                new = new[:length]
-            elif len(new) + int(eos) > room[j]:  # the batch's max_new_tokens exceeds this response's
-                new, eos = new[: room[j]], False
-            resp[i] += new
-            mask[i] += [1] * len(new)
-            steps[i] += [calls[i]] * len(new)  # turn k = k observations so far
-            ended[i] = eos
-            if call is not None and calls[i] < tools_cfg.max_turns:
-                pending.append((i, call))
-            # otherwise the response is done: EOS, budget spent, or a call over max_turns (not run)
+    was_training = model.training
+    model.eval()
+    try:
+        grid = _TurnGrid([prompts[i] for i in active], pad_id, next(model.parameters()).device) if active else None
+        while active:
+            room = [budget - len(resp[i]) for i in active]  # tokens each response may still add
+            width = grid.ids.shape[1]
+            stop = ToolCallStop(tokenizer, fmt, width, room)
+            new_columns = grid.generate(model, stop, max(room), sampling, eos_id, tools_cfg.reuse_cache)
+            pending: list[tuple[int, int, ToolCall]] = []  # (grid row, response, call)
+            for j, i in enumerate(active):
+                new = new_columns[j].tolist()
+                eos = eos_id in new
+                new, call = new[: new.index(eos_id)] if eos else new, None
+                cut = _call_cut(tokenizer, new, fmt)
+                if cut is not None and cut[0] < room[j]:  # a call, with room left for its output
+                    (length, call), eos = cut, False
+                    new = new[:length]
+                elif len(new) + int(eos) > room[j]:  # the batch's max_new_tokens exceeds this response's
+                    new, eos = new[: room[j]], False
+                grid.keep(j, width, len(new))
+                resp[i] += new
+                mask[i] += [1] * len(new)
+                steps[i] += [calls[i]] * len(new)  # turn k = k observations so far
+                ended[i] = eos
+                if call is not None and calls[i] < tools_cfg.max_turns:
+                    pending.append((j, i, call))
+                # otherwise the response is done: EOS, budget spent, or a call over max_turns (not run)
 
-        runnable = [(i, c.code) for i, c in pending if c.code is not None]
-        outputs = run_python_batch([code for _, code in runnable], **sandbox_kwargs(tools_cfg.sandbox))
-        results = dict(zip([i for i, _ in runnable], outputs, strict=True))
-        active = []
-        for i, call in pending:
-            if call.code is None:
-                error = middle_truncate(call.error or "", tools_cfg.max_output_chars)
-                text = wrap_observation(error, fmt)
-            else:
-                text = format_observation(results[i], fmt, tools_cfg.max_output_chars)
-                successes[i] += int(results[i].ok)
-            calls[i] += 1
-            obs = tokenizer(text, add_special_tokens=False)["input_ids"][: budget - len(resp[i])]
-            resp[i] += obs
-            mask[i] += [0] * len(obs)
-            steps[i] += [-1] * len(obs)
-            if len(resp[i]) < budget:
-                active.append(i)
+            runnable = [(i, c.code) for _, i, c in pending if c.code is not None]
+            outputs = run_python_batch([code for _, code in runnable], **sandbox_kwargs(tools_cfg.sandbox))
+            results = dict(zip([i for i, _ in runnable], outputs, strict=True))
+            active, rows, appended = [], [], []
+            for j, i, call in pending:
+                if call.code is None:
+                    error = middle_truncate(call.error or "", tools_cfg.max_output_chars)
+                    text = wrap_observation(error, fmt)
+                else:
+                    text = format_observation(results[i], fmt, tools_cfg.max_output_chars)
+                    successes[i] += int(results[i].ok)
+                calls[i] += 1
+                obs = tokenizer(text, add_special_tokens=False)["input_ids"][: budget - len(resp[i])]
+                resp[i] += obs
+                mask[i] += [0] * len(obs)
+                steps[i] += [-1] * len(obs)
+                if len(resp[i]) < budget:
+                    active.append(i)
+                    rows.append(j)
+                    appended.append(obs)
+            if active and tools_cfg.reuse_cache:
+                grid.next_turn(rows, appended)
+            elif active:  # the plain way, and the reference the cached one is tested against
+                grid = _TurnGrid([prompts[i] + resp[i] for i in active], pad_id, grid.ids.device)
+    finally:
+        model.train(was_training)
     return Rollout(prompts, resp, ended, index, loss_mask=mask, step_ids=steps,
                    tool_calls=calls, tool_successes=successes)
 
