@@ -10,6 +10,7 @@ naming the key and the file (or "command line") it came from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -321,14 +322,17 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"tools.sandbox.{key} must be > 0, got {getattr(box, key)}")
     _validate_aligner(cfg.aligner)
     _validate_tools(cfg)
+    for check in REGISTRY_CHECKS:
+        check(cfg)
+
+
+# Checks against registries that live in other packages (the aligner names): the package that
+# owns the registry adds its check here when it is imported, so this module imports none of it
+# (the registered modules import this one). `lightning_opd/__init__.py` imports them first.
+REGISTRY_CHECKS: list[Callable[[Config], None]] = []
 
 
 def _validate_aligner(aligner: AlignerConfig) -> None:
-    from lightning_opd.align.base import registered_aligners  # the registry imports this module
-
-    names = sorted(registered_aligners())
-    if aligner.name not in names:
-        raise ConfigError(f"aligner.name={aligner.name!r} is not registered; choose from {names}")
     if not 0.0 <= aligner.ratio <= 1.0:
         raise ConfigError(f"aligner.ratio must be in [0, 1], got {aligner.ratio}")
     if not aligner.alm_temperature > 0:

@@ -13,6 +13,16 @@
    the same denominator, so with identical tokenizers it is 1 whether or not the responses
    called tools.
 
+Prompts longer than `data.max_prompt_tokens` are skipped (`train/skipped_prompts`). With more
+than one process, the ranks first agree (an all-reduce of "this rank admitted a prompt"), and a
+rank that admitted none runs the step on a placeholder (the batch's first example with an empty
+prompt) that counts 0 tokens in the global normaliser, 0 in coverage and reward, and whose loss
+is multiplied by 0: it joins every collective (token count, metric syncs, FSDP forwards,
+gradient sync) in the same order as the others and adds nothing to the gradient. If no rank
+admitted a prompt, every rank runs the placeholder (Lightning refuses a None step with more than
+one process), logs no step metrics, and drops the gradients before the optimizer step, so the
+weights stay as in a skipped step. A single process skips the step at once, as before.
+
 Validation answers the held-out prompts greedily before and after training (and every
 `trainer.val_every_n_steps` steps), scored by the task's answer check.
 """
@@ -26,6 +36,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -143,6 +154,7 @@ class OPDModule(L.LightningModule):
         self._sharded = False  # configure_model has sharded the models (fsdp)
         self._pending_rng: dict | None = None  # a checkpoint's RNG state, restored before the first step
         self._warned_unaligned = False  # the unaligned-responses warning is given once per run
+        self._drop_update = False  # no rank admitted a prompt this step: its (zero) gradients are dropped
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -200,12 +212,31 @@ class OPDModule(L.LightningModule):
         self.skipped_prompts += len(examples) - len(keep)
         return [examples[i] for i in keep], [prompts[i] for i in keep]
 
+    def _any_rank_admitted(self, admitted: bool) -> bool:
+        """Whether some rank admitted a prompt this step (no collective with one process)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return admitted
+        total = self.trainer.strategy.reduce(torch.tensor(float(admitted), device=self.device), reduce_op="sum")
+        return float(total) > 0
+
+    def _placeholder(self, batch) -> tuple[list, list[list[int]]]:
+        """A stand-in for a rank that admitted no prompt while others did: the batch's first
+        example with an empty prompt (its loss and counts are zeroed in the step)."""
+        examples = [replace(next(iter(batch)), prompt="")]
+        return examples, self._prompt_ids(self.student_tokenizer, examples)
+
     # --- the step ----------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
         examples, prompts = self._admit(batch)
-        if not examples:  # every prompt was too long: skip the step, training goes on
-            self.log("train/skipped_prompts", float(self.skipped_prompts), on_step=True)
-            return None
+        admitted_anywhere = self._any_rank_admitted(bool(examples))  # a collective only with >1 process
+        placeholder = not examples
+        if placeholder:  # every prompt was too long
+            if self._trainer is None or self.trainer.world_size == 1:
+                self.log("train/skipped_prompts", float(self.skipped_prompts), on_step=True)
+                return None  # skip the step, training goes on
+            # Lightning refuses None with >1 process: join the collectives with a zero loss
+            examples, prompts = self._placeholder(batch)
+        self._drop_update = not admitted_anywhere  # no rank admitted a prompt: no optimizer update
         timer = PhaseTimer()
 
         # 1. rollout: the student answers each prompt (no grad)
@@ -230,9 +261,13 @@ class OPDModule(L.LightningModule):
         # 5. loss: per-row losses, weighted and reduced over the batch's tokens
         with timer("loss"):
             rewards = self.rewards(rollout, aligned.texts, answered)
-            loss = self.distillation_loss(rows, scored, sod, rewards, rollout.prompt_index, aligned.segments)
+            loss = self.distillation_loss(rows, scored, sod, rewards, rollout.prompt_index, aligned.segments,
+                                          placeholder=placeholder)  # fmt: skip
 
-        self._log_step(loss, rows, aligned.segments, rollout, rewards, sod, timer)
+        if admitted_anywhere:  # the metric syncs inside are collectives: every rank or none
+            self._log_step(loss, rows, aligned.segments, rollout, rewards, sod, timer, placeholder=placeholder)
+        else:
+            self.log("train/skipped_prompts", float(self.skipped_prompts), on_step=True)
         self._update_start = time.perf_counter()
         return loss
 
@@ -261,9 +296,10 @@ class OPDModule(L.LightningModule):
         return [float(self.task.check(text, example)) for text, example in zip(checked, answered, strict=True)]
 
     def distillation_loss(self, rows: Rows, scored: ScoredBatch, sod: StepWeights | None, rewards: list[float],
-                          groups: list[int], segments: BatchSegments) -> torch.Tensor:  # fmt: skip
+                          groups: list[int], segments: BatchSegments, placeholder: bool = False) -> torch.Tensor:  # fmt: skip
         """Σ_r w_r · ℓ_r / N: w the SOD weights (1 without SOD), N the batch's response tokens
-        (`loss.normalizer=response_tokens`) or supervised tokens, averaged over ranks."""
+        (`loss.normalizer=response_tokens`) or supervised tokens, averaged over ranks. A
+        placeholder step counts 0 tokens and its loss is multiplied by 0 (the graph stays)."""
         weights = sod.token_weights if sod is not None else None  # (R,)
         if self.cfg.rl.outcome_coef > 0:  # the weights go into the advantage, not the reduction
             row_losses, weights = self.mixed_policy_gradient(rows, scored, weights, rewards, groups), None
@@ -271,19 +307,24 @@ class OPDModule(L.LightningModule):
             row_losses = self.aligner.row_losses(rows, scored, self.loss_cfg)
         normalizer = self.cfg.loss.normalizer
         count = segments.n_student_tokens if normalizer == "response_tokens" else rows.supervised_student_tokens
-        return losses.reduce_rows(row_losses, weights, self._global_token_count(count))
+        loss = losses.reduce_rows(row_losses, weights, self._global_token_count(0 if placeholder else count))
+        return loss * 0.0 if placeholder else loss
 
     def _log_step(self, loss: torch.Tensor, rows: Rows, segments: BatchSegments, rollout: Rollout,
-                  rewards: list[float], sod: StepWeights | None, timer: PhaseTimer) -> None:  # fmt: skip
+                  rewards: list[float], sod: StepWeights | None, timer: PhaseTimer,
+                  placeholder: bool = False) -> None:  # fmt: skip
         n_responses = max(len(rollout.response_ids), 1)
+        # the metric syncs are collectives: a placeholder step joins them and adds nothing
+        supervised, total = (0, 0) if placeholder else (rows.supervised_student_tokens, segments.n_student_tokens)
+        reward = torch.tensor(rewards or [0.0], device=self.device)
         self._log_train({
             **self.tool_and_sod_metrics(rollout, sod),
             "train/loss": loss.detach(),
-            "train/coverage": step_value(self.train_coverage, rows.supervised_student_tokens, segments.n_student_tokens),
+            "train/coverage": step_value(self.train_coverage, supervised, total),
             "train/rows": float(len(rows)),
             "train/response_len": sum(rollout.response_lengths) / n_responses,
             "train/eos_rate": sum(rollout.ended_with_eos) / n_responses,
-            "train/reward": step_value(self.train_reward, torch.tensor(rewards or [0.0], device=self.device)),
+            "train/reward": step_value(self.train_reward, reward, torch.zeros_like(reward) if placeholder else 1.0),
             "train/unaligned_sequences": float(segments.n_unaligned_sequences),
             "train/invalid_utf8_tokens": float(segments.n_invalid_tokens),
             "train/skipped_prompts": float(self.skipped_prompts),
@@ -389,6 +430,11 @@ class OPDModule(L.LightningModule):
         if self._pending_rng is not None:
             set_rng_state(self._pending_rng)
             self._pending_rng = None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._drop_update:  # as a skipped step: no gradients, so AdamW leaves every weight as is
+            for param in self.student.parameters():
+                param.grad = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # backward + optimizer step happened between the end of training_step and here

@@ -18,9 +18,19 @@ from lightning_opd.align.base import (
     register_aligner,
 )
 from lightning_opd.align.pairing import AlignedBatch, TokenizerPair, align_batch, segment_responses
+from lightning_opd.config import REGISTRY_CHECKS, Config, ConfigError
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
+
+
+def _check_aligner_name(cfg: Config) -> None:
+    names = sorted(ALIGNERS)
+    if cfg.aligner.name not in names:
+        raise ConfigError(f"aligner.name={cfg.aligner.name!r} is not registered; choose from {names}")
+
+
+REGISTRY_CHECKS.append(_check_aligner_name)  # `config.validate` runs it
 
 __all__ = [
     "ALIGNERS", "AlignedBatch", "Aligner", "BatchSegments", "Rows", "ScoredBatch", "ScoredSide",
