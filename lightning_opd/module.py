@@ -155,6 +155,7 @@ class OPDModule(L.LightningModule):
         self._pending_rng: dict | None = None  # a checkpoint's RNG state, restored before the first step
         self._warned_unaligned = False  # the unaligned-responses warning is given once per run
         self._drop_update = False  # no rank admitted a prompt this step: its (zero) gradients are dropped
+        self.outcome_term: torch.Tensor | None = None  # GRPO mixing: mean |outcome_coef·Â| of the step
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -178,10 +179,15 @@ class OPDModule(L.LightningModule):
         """Sharded models need every rank in every forward pass, finished or not."""
         return self.cfg.trainer.strategy == "fsdp" and self._trainer is not None and self.trainer.world_size > 1
 
+    @property
+    def _single_process(self) -> bool:
+        """No other rank to agree with (also outside a Trainer, as in tests)."""
+        return self._trainer is None or self.trainer.world_size == 1
+
     def _global_token_count(self, count: int) -> float:
         """Tokens in the global batch divided by world size: DDP/FSDP average gradients over
         ranks, so dividing each rank's sum by this gives the token mean of the global batch."""
-        if self._trainer is None or self.trainer.world_size == 1:
+        if self._single_process:
             return float(count)
         total = self.trainer.strategy.reduce(torch.tensor(float(count), device=self.device), reduce_op="sum")
         return float(total) / self.trainer.world_size
@@ -214,7 +220,7 @@ class OPDModule(L.LightningModule):
 
     def _any_rank_admitted(self, admitted: bool) -> bool:
         """Whether some rank admitted a prompt this step (no collective with one process)."""
-        if self._trainer is None or self.trainer.world_size == 1:
+        if self._single_process:
             return admitted
         total = self.trainer.strategy.reduce(torch.tensor(float(admitted), device=self.device), reduce_op="sum")
         return float(total) > 0
@@ -231,7 +237,7 @@ class OPDModule(L.LightningModule):
         admitted_anywhere = self._any_rank_admitted(bool(examples))  # a collective only with >1 process
         placeholder = not examples
         if placeholder:  # every prompt was too long
-            if self._trainer is None or self.trainer.world_size == 1:
+            if self._single_process:
                 self.log("train/skipped_prompts", float(self.skipped_prompts), on_step=True)
                 return None  # skip the step, training goes on
             # Lightning refuses None with >1 process: join the collectives with a zero loss

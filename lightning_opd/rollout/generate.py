@@ -49,6 +49,14 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def sampling_kwargs(cfg: RolloutConfig, greedy: bool) -> dict:
+    """HF `generate` arguments of the decoding rule: argmax, or sampling at cfg's temperature
+    and top-p with no top-k cut."""
+    if greedy:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -69,19 +77,17 @@ def generate(
     device = next(model.parameters()).device
     ids, mask = left_pad(prompt_ids, pad_id)
     n = 1 if greedy else cfg.samples_per_prompt
-    sampling = {} if greedy else {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
     try:
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
-            do_sample=not greedy,
             max_new_tokens=cfg.max_new_tokens,
             num_return_sequences=n,
             eos_token_id=eos_id,
             pad_token_id=pad_id,
             use_cache=True,
             synced_gpus=synced_gpus,
-            **sampling,
+            **sampling_kwargs(cfg, greedy),
         )
     finally:
         model.train(was_training)

@@ -59,8 +59,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightning_opd.config import SandboxConfig
+
 __all__ = ["Limits", "ToolResult", "isolation_problem", "refusal", "run_python", "run_python_batch"]
 
+_DEFAULTS = SandboxConfig()  # run_python's defaults are the config's: one default per limit
 _INSTALL_HINT = (
     "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap), or set "
     "tools.sandbox.allow_unsandboxed=true to run model code with rlimits only"
@@ -116,11 +119,11 @@ class ToolResult:
 class Limits:
     """What one call may take (the `tools.sandbox` settings, minus the opt-in)."""
 
-    timeout_s: float = 10.0
-    memory_mb: int = 1024
-    disk_mb: int = 64
-    max_processes: int = 64
-    max_output_bytes: int = 65536
+    timeout_s: float
+    memory_mb: int
+    disk_mb: int
+    max_processes: int
+    max_output_bytes: int
 
     def check(self) -> None:
         if not self.timeout_s > 0 or self.memory_mb <= 0 or self.disk_mb <= 0:
@@ -464,6 +467,7 @@ def _usable_bwrap() -> tuple[str | None, str | None]:
     with _probe_lock:  # one trial run per binary: kernels or containers may forbid namespaces
         if bwrap not in _probe_cache:
             trial = _execute("pass", bwrap, Limits(timeout_s=30.0, memory_mb=512, disk_mb=1,
+                                                   max_processes=_DEFAULTS.max_processes,
                                                    max_output_bytes=4096))
             _probe_cache[bwrap] = None if trial.ok else (
                 f"bubblewrap ({bwrap}) cannot create a sandbox here ({trial.error}): "
@@ -487,9 +491,10 @@ def refusal(allow_unsandboxed: bool) -> str | None:
     return f"tool calls are refused, no isolation: {problem}; {_INSTALL_HINT}"
 
 
-def run_python(code: str, *, timeout_s: float = 10.0, memory_mb: int = 1024, disk_mb: int = 64,
-               max_processes: int = 64, max_output_bytes: int = 65536,
-               allow_unsandboxed: bool = False) -> ToolResult:
+def run_python(code: str, *, timeout_s: float = _DEFAULTS.timeout_s, memory_mb: int = _DEFAULTS.memory_mb,
+               disk_mb: int = _DEFAULTS.disk_mb, max_processes: int = _DEFAULTS.max_processes,
+               max_output_bytes: int = _DEFAULTS.max_output_bytes,
+               allow_unsandboxed: bool = _DEFAULTS.allow_unsandboxed) -> ToolResult:
     """Run ``code`` as a script in a fresh sandbox (limits: see the module docstring and
     `SandboxConfig`). Never raises: failures, refusals included, come back as ``ok=False``
     with ``error`` set."""

@@ -55,7 +55,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from lightning_opd.config import RolloutConfig, SandboxConfig, ToolsConfig
-from lightning_opd.rollout.generate import Rollout, generate, left_pad
+from lightning_opd.rollout.generate import Rollout, generate, left_pad, sampling_kwargs
 from lightning_opd.rollout.sandbox import ToolResult, run_python_batch
 
 FORMATS = ("fenced", "hermes")
@@ -395,8 +395,7 @@ def generate_with_tools(
     mask: list[list[int]] = [[] for _ in range(n_responses)]
     steps: list[list[int]] = [[] for _ in range(n_responses)]
     calls, successes, ended = [0] * n_responses, [0] * n_responses, [False] * n_responses
-    sampling = ({"do_sample": False} if greedy else
-                {"do_sample": True, "temperature": rollout_cfg.temperature, "top_p": rollout_cfg.top_p, "top_k": 0})
+    sampling = sampling_kwargs(rollout_cfg, greedy)
     active = [i for i in range(n_responses) if budget > 0]
     was_training = model.training
     model.eval()
