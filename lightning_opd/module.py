@@ -11,7 +11,9 @@
    summed and divided by the number of the student's own response tokens in the batch, EOS
    included and tool observations not (or by the number of supervised tokens). Coverage has
    the same denominator, so with identical tokenizers it is 1 whether or not the responses
-   called tools.
+   called tools. `train/teacher_mass` is the mean over the step's rows of the share of the
+   teacher's probability at the row's anchor that reaches the student's side of the comparison
+   (`Aligner.teacher_mass`: the V∩ share for V∩ aligners; not logged for aligners without one).
 
 Prompts longer than `data.max_prompt_tokens` are skipped (`train/skipped_prompts`). With more
 than one process, the ranks first agree (an all-reduce of "this rank admitted a prompt"), and a
@@ -145,6 +147,7 @@ class OPDModule(L.LightningModule):
         # per-step coverage and reward, synchronised across ranks by torchmetrics
         self.train_coverage = Coverage()
         self.train_reward = MeanMetric()
+        self.train_teacher_mass = MeanMetric()  # mean over the rows of every rank
         self.accuracy_history: list[tuple[int, float]] = []
         self.skipped_prompts = 0
         self.run_dir: Path | None = None  # set by train(): where per-sample records go
@@ -269,9 +272,12 @@ class OPDModule(L.LightningModule):
             rewards = self.rewards(rollout, aligned.texts, answered)
             loss = self.distillation_loss(rows, scored, sod, rewards, rollout.prompt_index, aligned.segments,
                                           placeholder=placeholder)  # fmt: skip
+        with timer("teacher_mass"):  # a diagnostic: no grad, (chunk_rows, V_T) at a time
+            teacher_mass = self.aligner.teacher_mass(rows, scored, self.loss_cfg)  # (R,) or None
 
         if admitted_anywhere:  # the metric syncs inside are collectives: every rank or none
-            self._log_step(loss, rows, aligned.segments, rollout, rewards, sod, timer, placeholder=placeholder)
+            self._log_step(loss, rows, aligned.segments, rollout, rewards, sod, timer, placeholder=placeholder,
+                           teacher_mass=teacher_mass)  # fmt: skip
         else:
             self.log("train/skipped_prompts", float(self.skipped_prompts), on_step=True)
         self._update_start = time.perf_counter()
@@ -318,7 +324,7 @@ class OPDModule(L.LightningModule):
 
     def _log_step(self, loss: torch.Tensor, rows: Rows, segments: BatchSegments, rollout: Rollout,
                   rewards: list[float], sod: StepWeights | None, timer: PhaseTimer,
-                  placeholder: bool = False) -> None:  # fmt: skip
+                  placeholder: bool = False, teacher_mass: torch.Tensor | None = None) -> None:  # fmt: skip
         n_responses = max(len(rollout.response_ids), 1)
         # the metric syncs are collectives: a placeholder step joins them and adds nothing
         supervised, total = (0, 0) if placeholder else (rows.supervised_student_tokens, segments.n_student_tokens)
@@ -327,6 +333,7 @@ class OPDModule(L.LightningModule):
             **self.tool_and_sod_metrics(rollout, sod),
             "train/loss": loss.detach(),
             "train/coverage": step_value(self.train_coverage, supervised, total),
+            **self.teacher_mass_metric(teacher_mass, placeholder),
             "train/rows": float(len(rows)),
             "train/response_len": sum(rollout.response_lengths) / n_responses,
             "train/eos_rate": sum(rollout.ended_with_eos) / n_responses,
@@ -338,6 +345,16 @@ class OPDModule(L.LightningModule):
             **({"train/outcome_term": self.outcome_term} if self.cfg.rl.outcome_coef > 0 else {}),
             **timer.metrics(),
         }, batch_size=n_responses)  # fmt: skip
+
+    def teacher_mass_metric(self, mass: torch.Tensor | None, placeholder: bool = False) -> dict:
+        """{"train/teacher_mass": mean of the rows' teacher mass (R,) over every rank's rows}, or {}
+        when the aligner has no teacher mass (None, the same on every rank) or no rank has a row.
+        The sync is a collective, as coverage's; a placeholder step joins it with weight 0."""
+        if mass is None:
+            return {}
+        weight = torch.zeros_like(mass) if placeholder else torch.ones_like(mass)
+        value = step_value(self.train_teacher_mass, mass, weight)
+        return {} if math.isnan(value) else {"train/teacher_mass": value}
 
     def _bad_lines(self) -> int:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None

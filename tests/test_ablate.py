@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -116,8 +117,13 @@ def test_ablation_end_to_end_writes_a_table_that_matches_the_runs(tmp_path, two_
         cells = [c.strip() for c in rows[label].split("|")[1:-1]]
         assert cells[3] == f"{summary['student_accuracy_after']:.3f} ± 0.000"
         assert cells[5] == f"{summary['coverage']:.4f} ± 0.0000"
-        assert cells[6] == f"{summary['final_loss']:.4f} ± 0.0000"
-        assert float(cells[7].split()[0]) == pytest.approx(summary["steps_per_second"], abs=0.006)
+        with (root / variant / "seed0" / "metrics.csv").open() as f:  # mean over the logged steps
+            logged = [r.get("train/teacher_mass") for r in csv.DictReader(f)]
+        masses = [float(m) for m in logged if m]
+        assert len(masses) == 2 and all(0 < m <= 1 for m in masses)
+        assert cells[6] == f"{sum(masses) / len(masses):.4f} ± 0.0000"
+        assert cells[7] == f"{summary['final_loss']:.4f} ± 0.0000"
+        assert float(cells[8].split()[0]) == pytest.approx(summary["steps_per_second"], abs=0.006)
         assert summary["steps_per_second"] == pytest.approx(summary["steps"] / summary["train_seconds"])
 
     # everything finished: a second call trains nothing
@@ -141,9 +147,9 @@ def test_ablation_end_to_end_writes_a_table_that_matches_the_runs(tmp_path, two_
     rebuilt = (tmp_path / "report" / "table.md").read_text()
     assert body(rebuilt)[0] == body(table)[0]  # exact: untouched
     simct = [c.strip() for c in body(rebuilt)[1].split("|")[1:-1]]
-    # the resumed run kept its metrics: coverage and loss as before the interruption
-    assert simct[5] == [c.strip() for c in body(table)[1].split("|")[1:-1]][5]
-    assert simct[6] == [c.strip() for c in body(table)[1].split("|")[1:-1]][6]
+    # the resumed run kept its metrics: coverage, teacher mass and loss as before the interruption
+    before = [c.strip() for c in body(table)[1].split("|")[1:-1]]
+    assert simct[5:8] == before[5:8]
 
 
 def test_summarise_groups_seeds_of_a_variant(tmp_path):
@@ -155,13 +161,21 @@ def test_summarise_groups_seeds_of_a_variant(tmp_path):
             "experiment": "e", "aligner": "simct", "student_accuracy_before": 0.1, "student_accuracy_after": after,
             "coverage": 0.9, "final_loss": 1.0, "steps": 10, "train_seconds": 5.0, "accuracy_history": [[0, 0.1], [10, after]],
         }))  # fmt: skip
-        (run / "metrics.csv").write_text("step,train/tool_calls,train/tool_success_rate\n0,1.0,0.5\n1,2.0,1.0\n")
+        mass = (0.8, 0.9) if seed == 0 else (0.6, 0.7)  # per-run means 0.85 and 0.65
+        (run / "metrics.csv").write_text("step,train/tool_calls,train/tool_success_rate,train/teacher_mass\n"
+                                         f"0,1.0,0.5,{mass[0]}\n1,2.0,1.0,{mass[1]}\n")  # fmt: skip
     (summary,) = summarise(find_runs([tmp_path]))
     assert summary.seeds == [0, 1]
     assert summary.tool_calls == [1.5, 1.5] and summary.tool_success == [0.75, 0.75]
+    assert summary.teacher_mass == pytest.approx([0.85, 0.65])
     header, _, row = markdown_table([summary]).splitlines()
     assert header.endswith("| tool calls / response | tool success |")
     assert row.endswith("| 1.50 ± 0.00 | 0.750 ± 0.000 |")
+    cells = dict(zip(header.split("|")[1:-1], row.split("|")[1:-1], strict=True))
+    # mean 0.75, sample sd of {0.85, 0.65} = 0.1414
+    assert cells[" teacher mass "].strip() == "0.7500 ± 0.1414"
+    assert cells[" coverage "].strip() == "0.9000 ± 0.0000"
+    assert cells[" final loss "].strip() == "1.0000 ± 0.0000"
     assert mean_sd(summary.after) == "0.400 ± 0.141"
     assert mean_sd(summary.gain, signed=True) == "+0.300 ± 0.141"
     assert summary.steps_per_second == [2.0, 2.0]
@@ -176,11 +190,13 @@ def test_report_errors_exit_2(tmp_path, capsys):
 
 def test_ablate_command_takes_overrides_before_and_after_the_options(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr("lightning_opd.cli.ablate.ablate", lambda exp, knob, seeds, out, overrides: seen.update(
-        knob=knob, seeds=seeds, overrides=list(overrides)) or {"failed": 0})  # fmt: skip
+    monkeypatch.setattr("lightning_opd.cli.ablate.ablate", lambda exp, knob, seeds, out, overrides, only: seen.update(
+        knob=knob, seeds=seeds, overrides=list(overrides), only=only) or {"failed": 0})  # fmt: skip
     experiment = str(EXPERIMENTS / "default.yaml")
     assert main(["ablate", experiment, "a.b=1", "--knob", "aligner", "--seeds", "0 1", "c.d=2"]) == 0
-    assert seen == {"knob": "aligner", "seeds": [0, 1], "overrides": ["a.b=1", "c.d=2"]}
+    assert seen == {"knob": "aligner", "seeds": [0, 1], "overrides": ["a.b=1", "c.d=2"], "only": None}
+    assert main(["ablate", experiment, "--knob", "aligner", "--only", "uld,exact"]) == 0
+    assert seen["only"] == ["uld", "exact"]
     with pytest.raises(SystemExit):
         main(["ablate", experiment, "--knob", "aligner", "--bogus"])
 
@@ -195,5 +211,18 @@ def test_report_marks_the_baseline_variant(tmp_path):
     legacy.mkdir(parents=True)
     (legacy / "ablation.json").write_text(json.dumps({"knob": "sod", "variant": "old", "seed": 0}))
     (legacy / "summary.json").write_text(json.dumps({}))
-    labels = [line.split("|")[1].strip() for line in markdown_table(summarise(find_runs([tmp_path]))).splitlines()[2:]]
+    table = markdown_table(summarise(find_runs([tmp_path]))).splitlines()
+    labels = [line.split("|")[1].strip() for line in table[2:]]
     assert sorted(labels) == ["`off` (baseline)", "`old`", "`on`"]
+    # no metrics.csv, so no train/teacher_mass: the column is there, with a dash
+    column = [c.strip() for c in table[0].split("|")].index("teacher mass")
+    assert [line.split("|")[column].strip() for line in table[2:]] == ["—"] * 3
+
+
+def test_plan_only_runs_the_named_variants_in_that_order(tmp_path):
+    from lightning_opd.cli.ablate import plan
+
+    _, runs = plan(EXPERIMENTS / "default.yaml", "aligner", [0, 1], tmp_path, only=["uld", "exact"])
+    assert [(r.variant, r.seed) for r in runs] == [("uld", 0), ("uld", 1), ("exact", 0), ("exact", 1)]
+    with pytest.raises(ConfigError, match="no overlays \\['nope'\\]"):
+        plan(EXPERIMENTS / "default.yaml", "aligner", [0], tmp_path, only=["nope"])

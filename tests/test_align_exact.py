@@ -1,4 +1,5 @@
-"""BatchSegments from byte spans and the `exact` aligner, against hand-worked expectations."""
+"""BatchSegments from byte spans and the `exact` aligner, against hand-worked expectations and
+a slow reference (every student and teacher token with the same bytes at the same offset)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from lightning_opd.align import (
     ScoredBatch,
     ScoredSide,
     TokenizerPair,
+    align_batch,
     build_aligner,
     segment_responses,
 )
@@ -68,10 +70,106 @@ def test_hand_made_pair_segments_and_exact_rows(hand_pair):
     fake = ScoredSide(torch.zeros(8, 3), torch.tensor(s_ids + [0]), torch.tensor([0, 8]))
     batch = ScoredBatch(fake, fake, hand_pair.vocab)
     rows = build_aligner("exact").build_rows(segments, batch)
-    # shared-token positions only: "3" and "="; both spans are discarded
-    assert rows.student_pos.tolist() == [3, 4]
-    assert rows.teacher_pos.tolist() == [2, 3]
-    assert rows.supervised_student_tokens == 2  # coverage 2/8
+    # every 1:1 match: the "+" that closes the span [1 2 +]|[12 +], "3", "=", and EOS closing
+    # [1 5 eos]|[15 eos]; the span tokens "1" "2" | "12" and "1" "5" | "15" are discarded
+    assert rows.student_pos.tolist() == [2, 3, 4, 7]
+    assert rows.teacher_pos.tolist() == [1, 2, 3, 5]
+    assert rows.s_members.tolist() == [2, 3, 4, 7] and rows.t_members.tolist() == [1, 2, 3, 5]
+    assert not rows.is_span.any()
+    assert rows.supervised_student_tokens == 4  # coverage 4/8 (the older exact: 2/8)
+
+
+def equal_tokens_at_equal_offsets(s_tokens: list[bytes], t_tokens: list[bytes],
+                                  eos: bool) -> set[tuple[int, int]]:  # fmt: skip
+    """The slow reference for `exact`: every (k, j) where student token k and teacher token j
+    hold the same non-empty bytes starting at the same byte offset of the response, walked token
+    by token from the byte strings alone; EOS (one past the last token) pairs with EOS."""
+    teacher_at: dict[tuple[int, bytes], int] = {}
+    offset = 0
+    for j, token in enumerate(t_tokens):
+        if token:
+            teacher_at[offset, token] = j
+        offset += len(token)
+    pairs, offset = set(), 0
+    for k, token in enumerate(s_tokens):
+        if token and (offset, token) in teacher_at:
+            pairs.add((k, teacher_at[offset, token]))
+        offset += len(token)
+    if eos:
+        pairs.add((len(s_tokens), len(t_tokens)))
+    return pairs
+
+
+def reference_exact_pairs(pair: TokenizerPair, s_ids: list[list[int]], t_ids: list[list[int]],
+                          eos: list[bool]) -> set[tuple[int, int]]:  # fmt: skip
+    """`equal_tokens_at_equal_offsets` of each response, in packed positions (each side's
+    responses back to back, EOS included where it ended with one). t_ids end with the teacher's
+    EOS where the response did, as `segment_responses` returns them."""
+    out: set[tuple[int, int]] = set()
+    s_at = t_at = 0
+    for s, t, e in zip(s_ids, t_ids, eos, strict=True):
+        t_body = t[:-1] if e else t
+        s_bytes = [pair.student_bytes.table[i] for i in s]
+        t_bytes = [pair.teacher_bytes.table[i] for i in t_body]
+        out |= {(s_at + k, t_at + j) for k, j in equal_tokens_at_equal_offsets(s_bytes, t_bytes, e)}
+        s_at, t_at = s_at + len(s) + int(e), t_at + len(t)
+    return out
+
+
+def exact_pairs(segments) -> set[tuple[int, int]]:
+    rows = build_aligner("exact").build_rows(segments, None)
+    assert rows.s_members.tolist() == rows.student_pos.tolist()  # one token per side per row
+    assert rows.t_members.tolist() == rows.teacher_pos.tolist()
+    return set(zip(rows.student_pos.tolist(), rows.teacher_pos.tolist(), strict=True))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    texts=st.lists(st.text(alphabet=st.sampled_from(list("0123456789+-=# \nab÷é日本😀")), max_size=40),
+                   min_size=1, max_size=3),
+    eos=st.lists(st.booleans(), min_size=3, max_size=3),
+    boundary=st.sampled_from(["match", "offset"]),
+    by_char=st.booleans(),
+)  # fmt: skip
+def test_exact_rows_are_the_equal_tokens_at_equal_offsets(split_tokenizer, merge_tokenizer, hand_pair,
+                                                          texts, eos, boundary, by_char):  # fmt: skip
+    eos = eos[: len(texts)]
+    for pair in (TokenizerPair.build(split_tokenizer, merge_tokenizer), hand_pair):
+        # by_char: one character at a time, a cut a sampling student may make
+        pieces_of = [list(t) if by_char else [t] for t in texts]
+        s_ids = [[i for p in parts for i in pair.student(p, add_special_tokens=False)["input_ids"]]
+                 for parts in pieces_of]  # fmt: skip
+        out = align_batch(pair, s_ids, eos, boundary=boundary)
+        assert exact_pairs(out.segments) == reference_exact_pairs(pair, s_ids, out.teacher_ids, eos)
+
+
+def test_exact_skips_an_observation_edge_that_closes_on_tokens_starting_apart():
+    """An observation edge closes a segment where a token of each side ends, even when they
+    start apart ("b" | "ab"): that closing pair is no 1:1 match, and exact has no row there."""
+    # student "a" "b" | "c" "d" (observation) | "e", teacher "ab" "cd" "e", EOS on both
+    s_lengths, t_lengths = np.array([1, 1, 1, 1, 1]), np.array([2, 2, 1])
+    observed = np.array([False, False, True, True, False])
+    for boundary in ("match", "offset"):
+        seg = segment(s_lengths, t_lengths, eos=True, boundary=boundary, s_excluded=observed,
+                      edges=np.array([2, 4]))  # fmt: skip
+        # [a b]|[ab] (edge)  [c d]|[cd] (edge, observation)  [e]|[e]  [eos]|[eos]
+        assert seg.s_bounds.tolist() == [0, 2, 4, 5, 6] and seg.t_bounds.tolist() == [0, 1, 2, 3, 4]
+        assert seg.valid.tolist() == [True, False, True, True]
+        assert seg.closes_on_match.tolist() == [False, False, True, True]
+        packed = pack_segments([seg], np.array([0, 6]), np.array([0, 4]), boundary=boundary)
+        assert exact_pairs(packed) == {(4, 2), (5, 3)}  # "e" and EOS; not ("b", "ab")
+
+
+def test_exact_keeps_a_match_after_an_empty_token():
+    """A token with no bytes (a control token) ends nowhere and folds into the next segment, so a
+    match right after it closes a two-token segment: still a 1:1 match, still an exact row."""
+    # student: an empty token, "a", "b"; teacher "a", "b"; no EOS
+    for boundary in ("match", "offset"):
+        seg = segment(np.array([0, 1, 1]), np.array([1, 1]), boundary=boundary)
+        assert seg.s_bounds.tolist() == [0, 2, 3] and seg.t_bounds.tolist() == [0, 1, 2]
+        packed = pack_segments([seg], np.array([0, 3]), np.array([0, 2]), boundary=boundary)
+        assert exact_pairs(packed) == {(1, 0), (2, 1)}
+        assert build_aligner("exact").build_rows(packed, None).supervised_student_tokens == 2
 
 
 def test_shared_vocab_pairs_equal_bytes_and_eos(hand_pair):

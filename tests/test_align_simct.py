@@ -125,7 +125,7 @@ def test_hand_rows_of_12_plus_3_with_eos(hand_pair):
     assert rows.student_pos.tolist() == [0, 3, 4, 5]
     assert rows.teacher_pos.tolist() == [0, 2, 3, 4]
     assert rows.is_span.tolist() == [True, False, False, True]
-    assert rows.supervised_student_tokens == 8  # coverage 8/8 (exact: 2/8)
+    assert rows.supervised_student_tokens == 8  # coverage 8/8 (exact: 4/8)
     zs, zt = batch.student.logits.detach(), batch.teacher.logits
     s, t = batch.student.ids.tolist(), batch.teacher.ids.tolist()
     student_slot, teacher_slot = aligner.span_slots(rows, batch, RKL)
@@ -173,20 +173,17 @@ def test_identical_tokenizers_make_every_aligner_plain_opd(split_tokenizer):
         torch.testing.assert_close(loss, plain, msg=name)
 
 
-def test_simct_1to1_keeps_the_match_that_closes_each_span(hand_pair):
-    batch, seg = scored(hand_pair, ["12+3=15"], [True])
-    rows = build_aligner("simct_1to1").build_rows(seg, None)
-    # the released span_ctkd_1to1 keeps every 1:1 match: "+", "3", "=", eos (exact drops "+", eos)
-    assert rows.student_pos.tolist() == [2, 3, 4, 7] and rows.teacher_pos.tolist() == [1, 2, 3, 5]
-    assert not rows.is_span.any() and rows.supervised_student_tokens == 4
-    # with offset boundaries a 1:1 match is its own segment: simct_1to1 is exact
-    _, seg_off = scored(hand_pair, ["12+3=15"], [True], boundary="offset")
-    one, ex = (
-        build_aligner("simct_1to1").build_rows(seg_off, None),  # seg_off records its boundary
-        build_aligner("exact").build_rows(seg_off, None),
-    )
-    assert one.student_pos.tolist() == ex.student_pos.tolist() == [2, 3, 4, 7]
-    assert one.teacher_pos.tolist() == ex.teacher_pos.tolist() == [1, 2, 3, 5]
+@pytest.mark.parametrize("boundary", ["match", "offset"])
+def test_simct_1to1_is_exact_and_keeps_the_match_that_closes_each_span(hand_pair, boundary):
+    batch, seg = scored(hand_pair, ["12+3=15"], [True], boundary=boundary)  # seg records its boundary
+    one, ex = build_aligner("simct_1to1"), build_aligner("exact")
+    one_rows, ex_rows = one.build_rows(seg, None), ex.build_rows(seg, None)
+    # the released span_ctkd_1to1 keeps every 1:1 match: "+" (closing [1 2 +]|[12 +]), "3", "=",
+    # eos; so does exact now
+    for rows in (one_rows, ex_rows):
+        assert rows.student_pos.tolist() == [2, 3, 4, 7] and rows.teacher_pos.tolist() == [1, 2, 3, 5]
+        assert not rows.is_span.any() and rows.supervised_student_tokens == 4
+    torch.testing.assert_close(one.row_losses(one_rows, batch, RKL), ex.row_losses(ex_rows, batch, RKL))
 
 
 text_strategy = st.text(alphabet=st.sampled_from(list("0123456789+-=*# \nab÷é日本😀")), max_size=40)
@@ -194,18 +191,18 @@ text_strategy = st.text(alphabet=st.sampled_from(list("0123456789+-=*# \nab÷é�
 
 @settings(max_examples=40, deadline=None)
 @given(text=text_strategy, eos=st.booleans())
-def test_exact_rows_are_simct_shared_token_rows_and_simct_covers_valid_segments(
-    split_merge_pair, text, eos
-):
+def test_exact_rows_are_the_1to1_matches_and_simct_covers_them_all(split_merge_pair, text, eos):
     s_ids = split_merge_pair.student(text, add_special_tokens=False)["input_ids"]
     seg = align_batch(split_merge_pair, [s_ids], [eos]).segments
-    exact, simct = (
+    exact, simct, one = (
         build_aligner("exact").build_rows(seg, None),
         build_aligner("simct").build_rows(seg, None),
+        build_aligner("simct_1to1").build_rows(seg, None),
     )
     # the expectation, from the two tokenizations' byte spans alone: the 1:1 matches (same byte
-    # span), EOS a final one; a match right after another on both sides is a shared-token row,
-    # and every student token up to the last match is supervised (the text is valid UTF-8)
+    # span), EOS a final one, are exact's rows; a match right after another on both sides is a
+    # one-token segment, simct's shared-token row; every student token up to the last match is
+    # supervised by simct (the text is valid UTF-8)
     t_ids = split_merge_pair.teacher(text, add_special_tokens=False)["input_ids"]
 
     def spans(table: list[bytes], ids: list[int]) -> list[tuple[int, int]]:
@@ -225,10 +222,14 @@ def test_exact_rows_are_simct_shared_token_rows_and_simct_covers_valid_segments(
     simct_pairs = set(
         zip(simct.student_pos[simct_shared].tolist(), simct.teacher_pos[simct_shared].tolist(), strict=True)
     )
-    assert set(zip(exact.student_pos.tolist(), exact.teacher_pos.tolist(), strict=True)) == shared
+    assert set(zip(exact.student_pos.tolist(), exact.teacher_pos.tolist(), strict=True)) == set(matches)
     assert simct_pairs == shared
     assert sorted(simct.s_members.tolist()) == sorted(supervised)
-    assert sorted(exact.s_members.tolist()) == sorted(i for i, _ in shared)
+    assert sorted(exact.s_members.tolist()) == sorted(i for i, _ in matches)
+    # exact ⊂ simct: every student token exact supervises, simct supervises too
+    assert set(exact.s_members.tolist()) <= set(simct.s_members.tolist())
+    for field in ("student_pos", "teacher_pos", "s_members", "s_member_row", "t_members", "t_member_row"):
+        assert torch.equal(getattr(one, field), getattr(exact, field)), field  # simct_1to1 = exact
 
 
 def test_random_span_ratio_zero_is_simct(split_merge_pair):

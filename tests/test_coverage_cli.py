@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from lightning_opd.align import ALIGNERS
+from lightning_opd.align import ALIGNERS, TokenizerPair
 from lightning_opd.cli import main
 from lightning_opd.cli.align import KEYS, measure_coverage
 from lightning_opd.fixtures import load_fixture_tokenizer
@@ -22,7 +22,8 @@ TEXTS = [
     "",
 ]
 TYPES = {"aligner": str, "texts": int, "student_tokens": int, "supervised_tokens": int,
-         "coverage": float, "rows": int, "spans": int, "seconds": float}  # fmt: skip
+         "coverage": float, "teacher_vocab_reached": (float, type(None)), "rows": int, "spans": int,
+         "seconds": float}  # fmt: skip
 
 
 @pytest.fixture
@@ -58,6 +59,14 @@ def test_json_output_has_exactly_the_documented_keys_and_types(capsys, jsonl):
         assert 0 <= r["spans"] <= r["rows"] and r["seconds"] >= 0
     assert results["exact"]["coverage"] < 1.0  # the tokenizers cut digits differently
     assert results["exact"]["spans"] == 0
+    # |V∩| / |V_T| for every V∩ aligner; all of it for uld (sorted lists); None for alm
+    pair = TokenizerPair.build(load_fixture_tokenizer("qwen2.5"), load_fixture_tokenizer("gpt2"))
+    shared = len(pair.vocab) / len(pair.teacher_bytes.table)
+    assert 0.5 < shared < 1  # most of gpt2's ids are also qwen2.5 ids, not all
+    for name in ("exact", "simct", "simct_1to1", "random_span"):
+        assert results[name]["teacher_vocab_reached"] == pytest.approx(shared)
+    assert results["uld"]["teacher_vocab_reached"] == 1.0
+    assert results["alm"]["teacher_vocab_reached"] is None
 
 
 def test_identical_tokenizers_give_full_coverage_for_exact(capsys, jsonl):
@@ -68,6 +77,7 @@ def test_identical_tokenizers_give_full_coverage_for_exact(capsys, jsonl):
     assert results["exact"]["coverage"] == 1.0
     assert results["exact"]["student_tokens"] == expected_tokens  # EOS counted per text
     assert results["exact"]["rows"] == expected_tokens and results["exact"]["spans"] == 0
+    assert results["exact"]["teacher_vocab_reached"] == 1.0
 
 
 def test_tokenizer_json_and_directory_specs(capsys, jsonl, tmp_path):
@@ -82,6 +92,13 @@ def test_field_option_and_table_output(capsys, jsonl):
                            "--field", "other", str(jsonl))  # fmt: skip
     assert code == 0, err
     assert "exact" in out and "coverage" in out and "1.0000" in out
+    code, out, err = align(capsys, "--student", "fixture:gpt2", "--teacher", "fixture:gpt2",
+                           "--aligner", "exact,alm", str(jsonl))  # fmt: skip
+    assert code == 0, err
+    assert "teacher_vocab_reached" in out
+    cells = {line.split("│")[1].strip(): line.split("│")[6].strip() for line in out.splitlines()
+             if line.count("│") > 6 and line.split("│")[1].strip() in ("exact", "alm")}  # fmt: skip
+    assert cells == {"exact": "1.0000", "alm": "—"}  # alm compares no distributions: a dash
 
 
 @pytest.mark.parametrize("case", ["bad_fixture", "missing_tokenizer_file", "corrupt_tokenizer_file",

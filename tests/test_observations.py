@@ -28,6 +28,7 @@ from lightning_opd.fixtures import load_fixture_tokenizer
 from lightning_opd.module import OPDModule
 from lightning_opd.rollout.generate import Rollout
 from lightning_opd.weighting import batched_step_weights, eos_step_id
+from tests.test_align_exact import exact_pairs, reference_exact_pairs
 
 EPS = 1e-6
 CALL = '{"name": "code_interpreter", "arguments": {"code": "x = 12*34\\nprint(x)"}}'
@@ -169,6 +170,30 @@ def test_every_model_token_is_supervised_by_simct_across_tokenizers(student, tea
     supervised = supervised_positions("simct", segments)
     assert supervised == model  # every model token, and no observation token
     assert len(supervised) / segments.n_student_tokens == 1.0
+
+
+@pytest.mark.parametrize("student,teacher", REAL_PAIRS)
+@pytest.mark.parametrize("pieces", [HERMES, FENCED], ids=["hermes", "fenced"])
+@pytest.mark.parametrize("by_char", [False, True], ids=["own_cut", "by_char"])
+@pytest.mark.parametrize("boundary", ["match", "offset"])
+def test_exact_rows_are_true_matches_of_model_tokens_across_tokenizers(student, teacher, pieces, by_char,
+                                                                       boundary):  # fmt: skip
+    """Edges close segments on pairs that end together but may start apart (the fence before an
+    output, "```" | "``" "`" on qwen2.5 -> gpt2): exact keeps only true 1:1 matches (same bytes
+    at the same offset, from a walk over the byte strings), and every match of a model token
+    except where its segment was dropped."""
+    pair = pair_of(student, teacher)
+    ids, mask = rollout_of(pair.student, pieces, by_char)
+    seg, segments = packed(pair, ids, mask, boundary)
+    ss, t_ids = seg.per_response[0], seg.teacher_ids[0]
+    assert pair.teacher_bytes.join(t_ids[:-1]) == seg.texts[0].encode("utf-8")  # no normaliser change
+    matches = reference_exact_pairs(pair, [ids], [t_ids], [True])
+    dropped = {k for g in np.flatnonzero(~ss.valid) for k in range(ss.s_bounds[g], ss.s_bounds[g + 1])}
+    rows = exact_pairs(segments)
+    assert rows == {(k, j) for k, j in matches if k not in dropped}
+    assert all(k == len(ids) or mask[k] for k, _ in rows)  # model tokens and EOS only
+    if (student, teacher, pieces, by_char) == ("qwen2.5", "gpt2", FENCED, False):
+        assert len(segments.seq) > len(rows)  # the test has teeth: closures on no match exist
 
 
 @pytest.mark.parametrize("student,teacher", [("qwen2.5", "deepseek"), ("deepseek", "gpt2")])

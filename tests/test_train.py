@@ -96,6 +96,9 @@ def test_both_loss_forms_train(tmp_path, cache_dir):
         summary = train(tiny_cfg(tmp_path, cache_dir, f"loss.form={form}", f"run.name={form}", "trainer.max_steps=2"))
         rows = assert_trained(summary, steps=2)
         first_loss[form] = float(rows[0]["train/loss"])
+        # simct over two different tokenizers: a share of the teacher's probability, every step
+        masses = [float(r["train/teacher_mass"]) for r in rows]
+        assert all(0 < m <= 1 for m in masses), (form, masses)
         if form == "full":  # a KL between distributions: never negative
             assert all(float(r["train/loss"]) >= 0 for r in rows)
     # same seed, so the same first rollout: the two forms must score it differently

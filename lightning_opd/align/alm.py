@@ -36,11 +36,14 @@ gives the finer chunks of the paper, closing at every common byte boundary), we 
   token log-prob) so that log1mexp stays finite when a model is certain of a chunk.
 `loss.divergence` does not apply; `loss.form=sampled` falls back to the base class's
 sampled form (advantage log π_T(chunk) − log π_S(chunk) on the same rows).
+`teacher_mass` and `vocab_reached` are None: a chunk likelihood is not a distribution over
+alternatives, so no share of the teacher's next-token probability is compared.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -56,6 +59,9 @@ from lightning_opd.align.base import (
     unit_logprobs,
 )
 from lightning_opd.config import LossConfig
+
+if TYPE_CHECKING:
+    from lightning_opd.align.pairing import TokenizerPair
 
 LOG_HALF = -math.log(2.0)
 MAX_CHUNK_LOGPROB = -1e-6  # cap on ℓ: keeps 1 − q > 0 when a model is certain of a chunk
@@ -111,3 +117,11 @@ class ALMAligner(Aligner):
             t_members, t_row = rows.t_members, rows.t_member_row
             teacher_ll = chunk_loglik(batch.teacher, t_members, t_row, n, temp, chunk)
         return binarised_kl(student_ll, teacher_ll, self.tau)  # (R,)
+
+    def teacher_mass(self, rows: Rows, batch: ScoredBatch, loss: LossConfig) -> None:
+        """None: ALM compares chunk likelihoods, not distributions over alternatives."""
+        return None
+
+    def vocab_reached(self, pair: TokenizerPair) -> None:
+        """None: no teacher id's probability is compared as an alternative (chunk likelihoods)."""
+        return None

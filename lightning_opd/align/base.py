@@ -19,7 +19,9 @@ Alignment happens in two steps:
    coverage (supervised student tokens) without knowing the aligner.
 
 A new aligner is a file with `@register_aligner("name")` and a class implementing `build_rows`
-(and `full_row_losses` when its comparison is not the default full form over V∩). Its options
+(and `full_row_losses` when its comparison is not the default full form over V∩; then also
+`teacher_mass` and `vocab_reached`, the diagnostics of how much of the teacher's probability its
+comparison lets through, which default to the V∩ form). Its options
 are typed fields of `AlignerConfig` (config.py), the one place their defaults are written; the
 loss settings arrive as the `LossConfig`.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +40,9 @@ from lightning_opd import losses
 from lightning_opd.align.offsets import SequenceSegments
 from lightning_opd.align.vocab import SharedVocab
 from lightning_opd.config import AlignerConfig, LossConfig
+
+if TYPE_CHECKING:  # pairing.py imports this module
+    from lightning_opd.align.pairing import TokenizerPair
 
 
 @dataclass
@@ -73,6 +79,22 @@ class BatchSegments:
     # where segments close (`aligner.boundary`): match (1:1 tokens) | offset (common boundaries);
     # aligners that pick 1:1 matches read it here, from the segments they were given
     boundary: str = AlignerConfig.boundary
+    # (G,) bool: the segment's last student token s_hi-1 and last teacher token t_hi-1 are a 1:1
+    # match (same non-empty byte span, or EOS with EOS; `SequenceSegments.closes_on_match`).
+    # None (hand-built segments) is filled from what the boundary alone guarantees: every segment
+    # under "match" (true without observation edges), the one-token segments under "offset"
+    closes_on_match: torch.Tensor | None = None
+    # byte length of every packed student (N_S,) and teacher (N_T,) response token (EOS: 0), for
+    # aligners that work at byte offsets inside segments (`bpm`); filled by `align_batch`
+    s_token_bytes: torch.Tensor | None = None
+    t_token_bytes: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.closes_on_match is None:
+            if self.boundary == "match":
+                self.closes_on_match = torch.ones(len(self.seq), dtype=torch.bool)
+            else:
+                self.closes_on_match = self.is_shared_token
 
     @property
     def is_shared_token(self) -> torch.Tensor:  # (G,) bool: one token on each side
@@ -80,7 +102,8 @@ class BatchSegments:
 
     def select(self, keep: torch.Tensor) -> BatchSegments:
         return replace(self, seq=self.seq[keep], s_lo=self.s_lo[keep], s_hi=self.s_hi[keep],
-                       t_lo=self.t_lo[keep], t_hi=self.t_hi[keep])  # fmt: skip
+                       t_lo=self.t_lo[keep], t_hi=self.t_hi[keep],
+                       closes_on_match=self.closes_on_match[keep])  # fmt: skip
 
 
 @dataclass
@@ -103,7 +126,7 @@ class Rows:
     def to(self, device: torch.device | str) -> Rows:
         """The same rows with every index tensor on `device` (where the logits live)."""
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)}
-        return Rows(**moved)
+        return type(self)(**moved)  # subclasses (`BPMRows`) keep their extra fields
 
     @property
     def supervised_student_tokens(self) -> int:
@@ -135,6 +158,19 @@ def rows_from_segments(seg: BatchSegments) -> Rows:
     return Rows(seg.s_lo, seg.t_lo, s_members, s_row, t_members, t_row)
 
 
+def one_to_one_rows(seg: BatchSegments) -> Rows:
+    """One row per 1:1 match: the last student and last teacher token of every segment that
+    closes on one (`BatchSegments.closes_on_match`), each row covering just those two tokens.
+    Every 1:1 match of a response closes a segment (offsets.py), under either boundary, so these
+    are all of them: the shared-token positions."""
+    closing = seg.select(seg.closes_on_match)
+    student_pos, teacher_pos = closing.s_hi - 1, closing.t_hi - 1  # (R,) each
+    row = torch.arange(len(student_pos))  # (R,): one member token per side per row
+    return Rows(
+        student_pos, teacher_pos, student_pos.clone(), row, teacher_pos.clone(), row.clone()
+    )
+
+
 class Aligner:
     """Base aligner: full form over V∩ at the row's anchor positions, or the sampled form.
 
@@ -164,6 +200,43 @@ class Aligner:
                 divergence=loss.divergence, beta=loss.beta, temperature=loss.temperature,
             ),
         )  # fmt: skip
+
+    # --- diagnostics: where V∩ drops the teacher's probability ----------------------------------
+    def teacher_mass(self, rows: Rows, batch: ScoredBatch, loss: LossConfig) -> torch.Tensor | None:
+        """Per row, (R,) float32, no grad: the share of the teacher's full-vocabulary probability
+        q = softmax(z^T / τ) at the row's teacher anchor that reaches the student's side of the
+        comparison. Here (a comparison over V∩): Σ_{v ∈ V∩} q(v), exactly 1 with identical
+        tokenizers. None where the aligner compares no distributions over alternatives."""
+        return shared_vocab_mass(rows, batch, loss)
+
+    def vocab_reached(self, pair: TokenizerPair) -> float | None:
+        """Structural, no models: the share of the teacher's vocabulary ids whose probability can
+        reach the student, for a `TokenizerPair`. Here |V∩| / |V_T| (1.0 for identical
+        tokenizers); None where the aligner compares no distributions over alternatives."""
+        if pair.vocab.identity:
+            return 1.0
+        return len(pair.vocab) / max(len(pair.teacher_bytes.table), 1)
+
+
+def shared_vocab_mass(rows: Rows, batch: ScoredBatch, loss: LossConfig) -> torch.Tensor:
+    """Σ_{v ∈ V∩_T} softmax(z^T / τ)(v) at each row's teacher anchor, (R,) float32, no grad.
+
+    Computed as exp(logsumexp over V∩ − logsumexp over V_T), chunked over rows: one (chunk, V_T)
+    float32 copy alive at a time, never (R, V_T). With identical tokenizers V∩ is the whole
+    vocabulary, so the mass is 1 without reading the logits."""
+    device = batch.teacher.logits.device
+    if batch.vocab.identity:
+        return torch.ones(len(rows), dtype=torch.float32, device=device)
+    teacher_ids = batch.vocab.teacher_ids.to(device)
+    tau = loss.temperature
+
+    def chunk_mass(sl: slice) -> torch.Tensor:  # (r,)
+        zt = batch.teacher.logits[rows.teacher_pos[sl]].float() / tau  # (r, V_T)
+        shared = torch.logsumexp(zt[:, teacher_ids], dim=-1)  # (r,)
+        return torch.exp(shared - torch.logsumexp(zt, dim=-1)).clamp(max=1.0)
+
+    with torch.no_grad():  # a diagnostic: chunked() then runs the chunks plainly, no checkpoints
+        return chunked(len(rows), loss.chunk_rows, chunk_mass)
 
 
 def chunked(n_rows: int, chunk: int, fn: Callable[[slice], torch.Tensor]) -> torch.Tensor:
@@ -310,4 +383,7 @@ def pack_segments(per_response: list[SequenceSegments | None], s_offsets: np.nda
         )  # fmt: skip
     cols = torch.from_numpy(np.concatenate(parts, axis=1) if parts else np.zeros((5, 0), np.int64))
     cols = cols.long()
-    return BatchSegments(cols[0], cols[1], cols[2], cols[3], cols[4], n_student, n_invalid, n_unaligned, boundary)
+    closes = [ss.closes_on_match[ss.valid] for ss in per_response if ss is not None]  # (g,) each
+    closes_on_match = torch.from_numpy(np.concatenate(closes) if closes else np.zeros(0, bool))
+    return BatchSegments(cols[0], cols[1], cols[2], cols[3], cols[4], n_student, n_invalid, n_unaligned,
+                         boundary, closes_on_match)  # fmt: skip

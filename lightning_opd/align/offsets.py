@@ -10,6 +10,11 @@ matched and the segment holding them is left unsupervised, without shifting anyt
 A 1:1 match is a student token and a teacher token with the same (non-empty) byte span. A segment
 closes at each match: the tokens of both sides since the previous match, up to and including it.
 Both sides of a segment cover the same bytes. EOS on both sides is a final match.
+`SequenceSegments.closes_on_match` records, per segment, whether its last token on each side is
+such a match: always under `boundary="match"` except at an observation edge (below); under
+`boundary="offset"` exactly where the two last tokens also start together. Those closing pairs
+are every 1:1 match of the response (a match's tokens are the only non-empty ones ending at its
+end offset), which is what `exact` supervises.
 
 Tool observations: a segment also closes at every *edge* given to `segment` (the byte offsets
 where an observation starts or ends) at which a token of each side ends. The caller makes that
@@ -106,6 +111,14 @@ class SequenceSegments:
     n_invalid: int  # student tokens touching invalid bytes
     n_excluded: int = 0  # of the n_student, tokens that are not the model's (tool observations)
     n_unmapped: int = 0  # student tokens over text that the teacher changed beyond a normal form
+    # (G,) bool: segment g's last student token and last teacher token are a 1:1 match (same
+    # non-empty byte span, or EOS with EOS). None (a hand-built instance) is filled with True:
+    # what `segment` gives under boundary="match" without edges
+    closes_on_match: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.closes_on_match is None:
+            self.closes_on_match = np.ones(len(self.valid), bool)
 
     @property
     def n_model(self) -> int:
@@ -166,11 +179,16 @@ def segment(
     if edges is not None and len(edges):
         s_match, t_match = _with_edges(s_match, t_match, np.asarray(edges, np.int64),
                                        s_start, s_end, t_start, t_end)  # fmt: skip
+    # a closing pair ends at one offset by construction (match, common boundary or edge), so it
+    # is a 1:1 match where it also starts at one; an edge or a common boundary may close a
+    # segment on two tokens that start apart ("b" | "ab"), and those are no match
+    closes_on_match = (s_start[s_match] == t_start[t_match]) & ~s_invalid[s_match]
     s_bounds = np.concatenate([[0], s_match + 1])
     t_bounds = np.concatenate([[0], t_match + 1])
-    if eos:
+    if eos:  # EOS with EOS: a final match
         s_bounds = np.append(s_bounds, len(s_lengths) + 1)
         t_bounds = np.append(t_bounds, len(t_lengths) + 1)
+        closes_on_match = np.append(closes_on_match, True)
     unsupervised = s_invalid | s_unmapped
     if s_excluded is not None:
         unsupervised = unsupervised | s_excluded.astype(bool)
@@ -184,6 +202,7 @@ def segment(
         n_invalid=int(s_invalid.sum()),
         n_excluded=0 if s_excluded is None else int(np.count_nonzero(s_excluded)),
         n_unmapped=int(np.count_nonzero(s_unmapped & ~s_invalid)),
+        closes_on_match=closes_on_match,
     )
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from lightning_opd.align.base import BatchSegments, pack_segments
 from lightning_opd.align.offsets import (
@@ -286,5 +287,10 @@ def align_batch(
     s_offsets = packed_offsets([len(ids) + int(eos) for ids, eos in zip(student_ids, ended_with_eos, strict=True)])
     t_offsets = packed_offsets([len(ids) for ids in out.teacher_ids])
     packed = pack_segments(out.per_response, s_offsets, t_offsets, model_tokens=out.model_tokens, boundary=boundary)
+    s_eos = pair.student.eos_token_id
+    s_ids = [i for ids, eos in zip(student_ids, ended_with_eos, strict=True) for i in [*ids, *([s_eos] if eos else [])]]
+    t_ids = [i for ids in out.teacher_ids for i in ids]
+    packed.s_token_bytes = torch.from_numpy(_lengths(pair.student_bytes.lengths, s_ids))
+    packed.t_token_bytes = torch.from_numpy(_lengths(pair.teacher_bytes.lengths, t_ids))
     return AlignedBatch(out.texts, out.teacher_ids, out.per_response, out.model_tokens, out.unaligned_causes,
                         packed)

@@ -14,7 +14,8 @@ round(ratio · n) of them, drawn uniformly without replacement.
 
 The draw uses a `torch.Generator` seeded with the run's seed (`trainer.seed`) and advanced by every
 call, so a run is reproducible and successive batches get different merges. Merging only
-regroups tokens, so coverage is unchanged; ratio = 0 is `simct` exactly.
+regroups tokens, so coverage is unchanged; ratio = 0 is `simct` exactly. Its rows are SimCT
+rows, so it inherits SimCT's `teacher_mass` (V∩ plus the span anchor's probability).
 
 Compared with the released ablation (kdflow/algorithms/simple_ctkd_random_span.py): it merges
 the 1:1 positions of simple_ctkd (dropping the tokens between them, which belong to no row) and
@@ -60,8 +61,10 @@ def merge_into_spans(seg: BatchSegments, ratio: float, generator: torch.Generato
     starts[1:] = ~joins_next[:-1]
     first = torch.nonzero(starts).flatten()  # (G',) first segment of each unit
     last = torch.cat([first[1:] - 1, torch.tensor([n_segments - 1])])  # (G',) its last segment
+    # a unit closes where its last segment does, on that segment's closing pair
     return replace(seg, seq=seg.seq[first], s_lo=seg.s_lo[first], s_hi=seg.s_hi[last],
-                   t_lo=seg.t_lo[first], t_hi=seg.t_hi[last])  # fmt: skip
+                   t_lo=seg.t_lo[first], t_hi=seg.t_hi[last],
+                   closes_on_match=seg.closes_on_match[last])  # fmt: skip
 
 
 @register_aligner("random_span")

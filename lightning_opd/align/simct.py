@@ -6,9 +6,9 @@ s_c … s_{d-1} and teacher tokens t_a … t_{b-1} covering the same bytes, clos
 logits predicting s_k, z^T_l the teacher's predicting t_l, and V∩ the shared vocabulary
 (pairs of ids with equal canonical bytes, EOS with EOS).
 
-The unit is the segment: SimCT keeps one row per segment, where `exact` keeps only the
-shared-token ones (one token per side) and discards every token of a span. The support of a
-row is V∩ plus one slot for the segment's own span, U = |V∩| + 1:
+The unit is the segment: SimCT keeps one row per segment, where `exact` keeps one row per 1:1
+match (the pair that closes a segment) and discards every other token of a span. The support
+of a row is V∩ plus one slot for the segment's own span, U = |V∩| + 1:
 
     student row   [ z^S_c[V∩_S] , ū^S ]      ū^S = 1/(d-c) Σ_{k=c}^{d-1} z^S_k[s_k]
     teacher row   [ z^T_a[V∩_T] , ū^T ]      ū^T = 1/(b-a) Σ_{l=a}^{b-1} z^T_l[t_l]
@@ -43,13 +43,15 @@ is shift-invariant), so those rows stay the exact rows. Both parts are stored ti
 full_divergence divides the row by τ.
 
 `simct_1to1` (the released span_ctkd_1to1 ablation): rows at SimCT's 1:1 matches only, over V∩.
-This is NOT `exact`: under `boundary: match` every segment closes with a 1:1 match, and the
-match that closes a span (the "+" of [1 2 +]|[12 +]) is kept as a row of its own, while `exact`
-keeps only segments that are a single match. Under `boundary: offset` a 1:1 match is its own
-segment, so there `simct_1to1` equals `exact`. With identical tokenizers both are plain OPD.
+This is now `exact` (exact.py), whose rows are every 1:1 match, the one that closes a span
+included (the "+" of [1 2 +]|[12 +]); `SimCT1to1Aligner` subclasses `ExactAligner` and stays
+registered under its name for old configs. (Before, `exact` kept only segments that are a single
+match, and simct_1to1 was the wider of the two.) With identical tokenizers both are plain OPD.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -64,8 +66,13 @@ from lightning_opd.align.base import (
     register_aligner,
     rows_from_segments,
     shared_vocab_logits,
+    shared_vocab_mass,
 )
+from lightning_opd.align.exact import ExactAligner
 from lightning_opd.config import LossConfig
+
+if TYPE_CHECKING:
+    from lightning_opd.align.pairing import TokenizerPair
 
 
 def span_slot(side: ScoredSide, members: torch.Tensor, member_row: torch.Tensor,
@@ -100,7 +107,10 @@ def log_normaliser(side: ScoredSide, positions: torch.Tensor, temperature: float
 
 @register_aligner("simct")
 class SimCTAligner(Aligner):
-    """One row per segment over V∩ plus the segment's span slot (module docstring)."""
+    """One row per segment over V∩ plus the segment's span slot (module docstring).
+
+    Teacher mass: V∩'s share, plus on a span row the probability of the teacher's anchor token
+    t_a when it is outside V∩ (the span slot stands for it), capped at 1 (`teacher_mass`)."""
 
     @property
     def span_logit(self) -> str:  # mean_logit | mean_logprob (checked by config.validate)
@@ -139,18 +149,37 @@ class SimCTAligner(Aligner):
 
         return chunked(len(rows), loss.chunk_rows, chunk_loss)
 
+    def teacher_mass(self, rows: Rows, batch: ScoredBatch, loss: LossConfig) -> torch.Tensor:
+        """(R,) float32, no grad: Σ_{V∩} q at the anchor, plus on span rows q(t_a), the teacher's
+        probability of its anchor token t_a = ids[teacher_pos] when t_a ∉ V∩ (the slot stands
+        for the span that starts with it; t_a ∈ V∩ is already counted), capped at 1."""
+        mass = shared_vocab_mass(rows, batch, loss)  # (R,)
+        if batch.vocab.identity:  # V∩ is the whole vocabulary: nothing is left for the slot
+            return mass
+        teacher = batch.teacher
+        in_shared = torch.zeros(teacher.logits.shape[-1], dtype=torch.bool, device=mass.device)
+        in_shared[batch.vocab.teacher_ids.to(mass.device)] = True  # (V_T,) membership of V∩_T
+        span_rows = torch.nonzero(rows.is_span.to(mass.device)).flatten()  # (Rs,)
+        anchor_pos = rows.teacher_pos.to(mass.device)[span_rows]  # (Rs,)
+        anchor_ids = teacher.ids[anchor_pos]  # (Rs,) t_a
+        outside = ~in_shared[anchor_ids]  # (Rs,) only these add mass
+        span_rows, anchor_pos = span_rows[outside], anchor_pos[outside]
+        anchor_ids = anchor_ids[outside]
+        tau = loss.temperature
+        with torch.no_grad():  # log q(t_a) from (chunk, V_T) float32 at a time
+            anchor_lp = chunked(
+                len(anchor_pos), loss.chunk_rows,
+                lambda sl: losses.token_logprobs(teacher.logits[anchor_pos[sl]], anchor_ids[sl], tau),
+            )  # fmt: skip
+        return mass.index_add(0, span_rows, anchor_lp.float().exp()).clamp(max=1.0)
+
+    def vocab_reached(self, pair: TokenizerPair) -> float | None:
+        """|V∩| / |V_T|, as the base: the span slot reaches only the span that was sampled, not
+        the teacher's other ids outside V∩."""
+        return super().vocab_reached(pair)
+
 
 @register_aligner("simct_1to1")
-class SimCT1to1Aligner(Aligner):
-    """Rows at SimCT's 1:1 matches only, over V∩ (module docstring: how this differs from exact)."""
-
-    def build_rows(self, seg: BatchSegments, batch: ScoredBatch | None = None) -> Rows:
-        if seg.boundary == "offset":
-            # a 1:1 match starts and ends at common boundaries: it is a one-token segment
-            return rows_from_segments(seg.select(seg.is_shared_token))
-        # match boundaries: every segment is closed by a 1:1 match, its last token on each side
-        student_pos, teacher_pos = seg.s_hi - 1, seg.t_hi - 1  # (G,)
-        row = torch.arange(len(student_pos))
-        return Rows(
-            student_pos, teacher_pos, student_pos.clone(), row, teacher_pos.clone(), row.clone()
-        )
+class SimCT1to1Aligner(ExactAligner):
+    """Rows at SimCT's 1:1 matches only, over V∩: the same rows and loss as `exact`, whose row
+    builder it inherits (module docstring); the name is kept for old configs."""

@@ -23,17 +23,21 @@ in `AlignerConfig` (K = 1024, λ = 1.5; T = `loss.temperature` = 1) are the rele
 models only at 1:1 matches: a student and a teacher token with the same text that start at the
 same place (equal prefixes). Both models then predict the same piece of text after the same
 text, so comparing their distributions is meaningful; inside a span they would predict
-different pieces (`1` vs `12`). Our segments close exactly at the 1:1 matches (DESIGN §3.2), so a
-row sits at the *last* student and teacher token of every segment — shared-token positions and
-the matched token that closes each span — and supervises that one student token. With
-`boundary: offset` a segment may end on tokens that started at different bytes, and the 1:1
-matches are exactly the one-token segments, so only those are kept.
+different pieces (`1` vs `12`). Our rows are exactly those: every 1:1 match (`one_to_one_rows`,
+the same positions as `exact`: shared-token positions and the matched token that closes each
+span), each supervising that one student token.
 
 `loss.divergence` does not apply; `loss.form=sampled` falls back to the base class's sampled
 form on the same rows (per-token OPD at the matched tokens).
+
+*Teacher mass.* The sorted comparison (top-K plus the tail bucket) uses all of the teacher's
+probability, so `teacher_mass` is 1 on every row and `vocab_reached` is 1: nothing is dropped,
+but nothing says which token holds which mass either.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,9 +47,13 @@ from lightning_opd.align.base import (
     Rows,
     ScoredBatch,
     chunked,
+    one_to_one_rows,
     register_aligner,
 )
 from lightning_opd.config import LossConfig
+
+if TYPE_CHECKING:
+    from lightning_opd.align.pairing import TokenizerPair
 
 
 def sorted_probs(logits: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
@@ -76,11 +84,9 @@ def sorted_w1(student_logits: torch.Tensor, teacher_logits: torch.Tensor, top_k:
 @register_aligner("uld")
 class ULDAligner(Aligner):
     def build_rows(self, seg: BatchSegments, batch: ScoredBatch | None) -> Rows:
-        if seg.boundary != "match":
-            seg = seg.select(seg.is_shared_token)  # only one-token segments are 1:1 matches
-        s_pos, t_pos = seg.s_hi - 1, seg.t_hi - 1  # (G,): the matched pair closing each segment
-        row = torch.arange(len(s_pos))
-        return Rows(s_pos, t_pos, s_pos.clone(), row, t_pos.clone(), row.clone())
+        # the 1:1 matches, as exact's rows: a segment closed at a tool-observation edge by tokens
+        # that start apart is not one (BatchSegments.closes_on_match)
+        return one_to_one_rows(seg)
 
     def full_row_losses(self, rows: Rows, batch: ScoredBatch, loss: LossConfig) -> torch.Tensor:
         top_k, weight = self.options.uld_top_k, self.options.uld_weight
@@ -91,3 +97,11 @@ class ULDAligner(Aligner):
             return weight * sorted_w1(zs, zt, top_k, loss.temperature)
 
         return chunked(len(rows), loss.chunk_rows, chunk_losses)
+
+    def teacher_mass(self, rows: Rows, batch: ScoredBatch, loss: LossConfig) -> torch.Tensor:
+        """1 per row, (R,) float32: the sorted comparison takes the teacher's whole distribution."""
+        return torch.ones(len(rows), dtype=torch.float32, device=batch.teacher.logits.device)
+
+    def vocab_reached(self, pair: TokenizerPair) -> float:
+        """1.0: every teacher id's probability enters the sorted list (or the tail bucket)."""
+        return 1.0

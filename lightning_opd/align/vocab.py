@@ -114,6 +114,12 @@ class SharedVocab:
     teacher_ids: torch.Tensor  # (|V∩|,) long
     teacher_of_student: np.ndarray  # (V_S,) int64
     identity: bool = False
+    # what built it, kept for aligners that need more than V∩ (the byte-prefix projection of
+    # `bpm`, built lazily from them: align/projection.py); None where a test built V∩ by hand
+    student_bytes: TokenBytes | None = None
+    teacher_bytes: TokenBytes | None = None
+    student_eos: int | None = None
+    teacher_eos: int | None = None
 
     def __len__(self) -> int:
         return int(self.student_ids.numel())
@@ -135,7 +141,9 @@ def build_shared_vocab(
     n_student = len(student_bytes.table)
     if identical:
         ids = torch.arange(n_student)
-        return SharedVocab(ids, ids.clone(), np.arange(n_student), identity=True)
+        return SharedVocab(ids, ids.clone(), np.arange(n_student), identity=True,
+                           student_bytes=student_bytes, teacher_bytes=teacher_bytes,
+                           student_eos=student_eos, teacher_eos=teacher_eos)  # fmt: skip
     teacher_index: dict[bytes, int] = {}
     for t_id, b in enumerate(teacher_bytes.table):
         if b and b not in teacher_index:
@@ -154,4 +162,8 @@ def build_shared_vocab(
         student_ids=torch.from_numpy(s_ids),
         teacher_ids=torch.from_numpy(teacher_of_student[s_ids]),
         teacher_of_student=teacher_of_student,
+        student_bytes=student_bytes,
+        teacher_bytes=teacher_bytes,
+        student_eos=student_eos,
+        teacher_eos=teacher_eos,
     )

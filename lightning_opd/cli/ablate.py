@@ -80,11 +80,19 @@ def parse_seeds(text: str | list[str]) -> list[int]:
 
 
 def plan(experiment: Path, knob: str, seeds: list[int], out: Path,
-         ablation_dir: Path = ABLATION_DIR) -> tuple[str, list[PlannedRun]]:  # fmt: skip
+         ablation_dir: Path = ABLATION_DIR, only: list[str] | None = None) -> tuple[str, list[PlannedRun]]:  # fmt: skip
+    """The runs of a knob; `only`: just these variants (overlay names), in this order."""
     name = load(experiment).experiment
     root = out / name / knob
+    overlays = knob_overlays(knob, ablation_dir)
+    if only:
+        by_name = {overlay.stem: overlay for overlay in overlays}
+        unknown = [v for v in only if v not in by_name]
+        if unknown:
+            raise ConfigError(f"--only: no overlays {unknown} in knob '{knob}'; it has {sorted(by_name)}")
+        overlays = [by_name[v] for v in only]
     runs = [PlannedRun(overlay.stem, overlay, seed, root / overlay.stem / f"seed{seed}")
-            for overlay in knob_overlays(knob, ablation_dir) for seed in seeds]  # fmt: skip
+            for overlay in overlays for seed in seeds]  # fmt: skip
     return name, runs
 
 
@@ -110,7 +118,7 @@ def _duration(seconds: float) -> str:
 
 def ablate(experiment: str | Path, knob: str, seeds: list[int], out: str | Path = "results",
            overrides: list[str] | tuple[str, ...] = (), ablation_dir: Path = ABLATION_DIR,
-           log=print) -> dict:  # fmt: skip
+           log=print, only: list[str] | None = None) -> dict:  # fmt: skip
     """Run every (overlay, seed) not yet finished, then write the report.
 
     Returns {"dir", "finished", "failed", "skipped", "table", "curves"}.
@@ -119,7 +127,7 @@ def ablate(experiment: str | Path, knob: str, seeds: list[int], out: str | Path 
     from lightning_opd.train import train
 
     experiment, out = Path(experiment), Path(out)
-    name, runs = plan(experiment, knob, seeds, out, ablation_dir)
+    name, runs = plan(experiment, knob, seeds, out, ablation_dir, only)
     configs = {run: run_config(experiment, run, knob, list(overrides)) for run in runs}  # bad keys fail here
     todo = [r for r in runs if not r.finished]
     log(f"ablation {name}/{knob}: {len(runs)} runs, {len(runs) - len(todo)} already finished")
@@ -144,6 +152,9 @@ def ablate(experiment: str | Path, knob: str, seeds: list[int], out: str | Path 
             log(f"    FAILED (traceback in {run.run_dir / 'error.txt'})")
         durations.append(time.time() - start)
     root = out / name / knob
+    if only:  # the report covers every finished run of the knob, not only the ones run now
+        runs = plan(experiment, knob, seeds, out, ablation_dir)[1] + runs
+        runs = list(dict.fromkeys(runs))
     finished = [r for r in runs if r.finished]
     result = {"dir": str(root), "finished": len(finished), "failed": len(failed),
               "skipped": len(runs) - len(todo), "table": None, "curves": None}  # fmt: skip
@@ -164,13 +175,16 @@ def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--knob", required=True, help="a directory of overlays under configs/ablation/")
     parser.add_argument("--seeds", default="0", help='seeds, e.g. "0 1 2" (default 0)')
     parser.add_argument("--out", default="results", help="results root (default: results)")
+    parser.add_argument("--only", default="", help="run just these variants, in this order: "
+                        '"bpm_lr1e-3,exact_lr1e-3" (the report still covers every finished run)')  # fmt: skip
 
 
 def run_ablate(args: argparse.Namespace) -> int:
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise ConfigError(f"command line: overrides must look like key=value, got {bad}")
-    result = ablate(args.experiment, args.knob, parse_seeds(args.seeds), args.out, args.overrides)
+    only = [v for v in args.only.replace(",", " ").split() if v]
+    result = ablate(args.experiment, args.knob, parse_seeds(args.seeds), args.out, args.overrides, only=only or None)
     if result["failed"]:
         print(f"lightning-opd ablate: {result['failed']} run(s) failed", file=sys.stderr)
         return 1

@@ -10,8 +10,14 @@ training: the student's ids are its tokenizer's encoding of the text (no special
 follows on both sides, and the teacher tokenizes the text the student's ids spell. For every
 aligner in the registry (`--aligner a,b,...`) we report
 
-    aligner, texts, student_tokens (EOS included), supervised_tokens, coverage, rows,
-    spans (rows with more than one token on a side), seconds (align_batch + build_rows only)
+    aligner, texts, student_tokens (EOS included), supervised_tokens, coverage,
+    teacher_vocab_reached, rows, spans (rows with more than one token on a side),
+    seconds (align_batch + build_rows only)
+
+`teacher_vocab_reached` (`Aligner.vocab_reached`, structural, no models) is the share of the
+teacher's vocabulary ids whose probability can reach the student's side of the comparison:
+|V∩| / |V_T| for the V∩ aligners (1 for identical tokenizers), 1 for `uld`, None (`—` in the
+table) for `alm`, which compares chunk likelihoods, not distributions over alternatives.
 
 Every aligner takes the defaults of `AlignerConfig`. Rows are built without logits
 (`build_rows(segments, None)`), so no model is needed. Texts are
@@ -34,7 +40,8 @@ from pathlib import Path
 from lightning_opd.config import TokenizerConfig
 
 BATCH_SIZE = 256
-KEYS = ("aligner", "texts", "student_tokens", "supervised_tokens", "coverage", "rows", "spans", "seconds")
+KEYS = ("aligner", "texts", "student_tokens", "supervised_tokens", "coverage", "teacher_vocab_reached",
+        "rows", "spans", "seconds")  # fmt: skip
 
 
 class AlignCommandError(ValueError):
@@ -57,6 +64,12 @@ def check_aligners(names: Sequence[str]) -> None:
 def batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def reached_share(aligner, pair) -> float | None:
+    """`aligner.vocab_reached(pair)` as a plain float for JSON (None stays None)."""
+    reached = aligner.vocab_reached(pair)
+    return None if reached is None else float(reached)
 
 
 def measure_coverage(
@@ -107,6 +120,7 @@ def measure_coverage(
             "student_tokens": student_tokens,
             "supervised_tokens": int(total["supervised_tokens"]),
             "coverage": total["supervised_tokens"] / student_tokens if student_tokens else 0.0,
+            "teacher_vocab_reached": reached_share(aligners[name], pair),
             "rows": int(total["rows"]),
             "spans": int(total["spans"]),
             "seconds": float(total["seconds"]),
@@ -195,10 +209,12 @@ def print_table(results: list[dict], title: str, caption: str) -> None:
     for key in KEYS:
         table.add_column(key, justify="left" if key == "aligner" else "right", no_wrap=True)
     for r in results:
+        reached = r["teacher_vocab_reached"]  # None: the aligner compares no distributions
         table.add_row(r["aligner"], str(r["texts"]), str(r["student_tokens"]), str(r["supervised_tokens"]),
-                      f"{r['coverage']:.4f}", str(r["rows"]), str(r["spans"]), f"{r['seconds']:.3f}")  # fmt: skip
+                      f"{r['coverage']:.4f}", "—" if reached is None else f"{reached:.4f}",
+                      str(r["rows"]), str(r["spans"]), f"{r['seconds']:.3f}")  # fmt: skip
     console = Console()
-    console.width = max(console.width, 110)  # keep every column readable in a pipe or a narrow terminal
+    console.width = max(console.width, 135)  # keep every column readable in a pipe or a narrow terminal
     console.print(table)
 
 

@@ -11,7 +11,7 @@ Four measurements, each a function returning plain dicts (all in one JSON, and p
     tokens, one of 16k), so every point does the same amount of work. No aligner needs logits to
     build its rows (all take `batch=None`), so none are made here. The teacher's tokenization is
     also timed on its own (`tokenize_ms_per_1k`): it is inside the alignment time.
-(b) rows + loss — for the V∩ aligners (`exact`, `simct`) on DeepSeek (129,280 ids) -> Qwen2.5
+(b) rows + loss — for `exact`, `simct` (over V∩) and `bpm` (the whole vocabulary) on DeepSeek (129,280 ids) -> Qwen2.5
     (151,665 ids, |V∩| = 84,031) segments of real text, random bf16 logits at every response
     position of each side; `build_rows`, then the loss forward and backward with the loss
     defaults (`LossConfig`: chunk_rows 4096). Memory: the peak resident set size of the process
@@ -75,7 +75,7 @@ class BenchSettings:
     naive_max_length: int = 16384  # (d) longer responses are not run
     loss_pair: tuple[str, str] = LOSS_PAIR
     loss_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 16384)
-    loss_aligners: tuple[str, ...] = ("exact", "simct")
+    loss_aligners: tuple[str, ...] = ("exact", "simct", "bpm")
     loss_budget_gb: float | None = None  # None: 60% of the memory available when (b) starts
     step_config: str | None = str(CONFIG_DIR / "experiment" / "default.yaml")  # None: skip (c)
     step_overrides: tuple[str, ...] = ()

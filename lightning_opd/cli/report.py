@@ -6,14 +6,16 @@ by *variant*: the ablation's variant name where there is one, else `<experiment>
 knob's baseline variant (its overlay changes nothing, ablate.py) reads `name` (baseline).
 Per variant, over its seeds (mean ± sample sd; a single seed shows ± 0):
 
-    variant | seeds | student before | student after | gain | coverage | final loss | steps/s
-    [+ tool calls / response | tool success, when the runs called tools]
+    variant | seeds | student before | student after | gain | coverage | teacher mass |
+    final loss | steps/s [+ tool calls / response | tool success, when the runs called tools]
 
-`coverage` is the run's mean of `train/coverage` over steps, `final loss` the last logged
-`train/loss`, `steps/s` the OPD steps over the seconds spent in `trainer.fit` (validation
-included, preparation excluded). `curves.png` has two panels, coverage and greedy accuracy
-against the OPD step, one line per variant (the mean over seeds at the steps all its seeds
-logged).
+`coverage` is the run's mean of `train/coverage` over steps, `teacher mass` its mean of
+`train/teacher_mass` (the share of the teacher's probability that reaches the student's side of
+the comparison, `Aligner.teacher_mass`; — for runs that did not log it: `alm`, or runs older
+than the metric), `final loss` the last logged `train/loss`, `steps/s` the OPD steps over the
+seconds spent in `trainer.fit` (validation included, preparation excluded). `curves.png` has
+two panels, coverage and greedy accuracy against the OPD step, one line per variant (the mean
+over seeds at the steps all its seeds logged).
 
     lightning-opd report results/default/aligner --out results/default/aligner
 """
@@ -122,6 +124,7 @@ class VariantSummary:
     coverage: list[float]
     final_loss: list[float]
     steps_per_second: list[float]
+    teacher_mass: list[float] = field(default_factory=list)  # per run, mean over steps
     tool_calls: list[float] = field(default_factory=list)  # per response, mean over steps
     tool_success: list[float] = field(default_factory=list)  # successful calls / calls
     baseline: bool = False  # the knob's baseline variant: shown as `name` (baseline)
@@ -156,6 +159,7 @@ def summarise(runs: Sequence[RunRecord]) -> list[VariantSummary]:
             coverage=values(group, lambda r: r.summary.get("coverage")),
             final_loss=values(group, lambda r: r.summary.get("final_loss")),
             steps_per_second=values(group, lambda r: r.steps_per_second),
+            teacher_mass=values(group, lambda r: r.mean_of("train/teacher_mass")),
             tool_calls=values(group, lambda r: r.mean_of("train/tool_calls")),
             tool_success=values(group, lambda r: r.mean_of("train/tool_success_rate")),
             baseline=any(r.baseline for r in group),
@@ -174,7 +178,7 @@ def mean_sd(values: Sequence[float], digits: int = 3, signed: bool = False) -> s
 
 
 TABLE_HEADER = ("variant", "seeds", "student before", "student after", "gain", "coverage",
-                "final loss", "steps/s")  # fmt: skip
+                "teacher mass", "final loss", "steps/s")  # fmt: skip
 
 
 TOOL_HEADER = ("tool calls / response", "tool success")
@@ -187,7 +191,8 @@ def markdown_table(summaries: Sequence[VariantSummary]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
         cells = [f"`{s.variant}`" + (" (baseline)" if s.baseline else ""), ",".join(map(str, s.seeds)), mean_sd(s.before), mean_sd(s.after),
-                 mean_sd(s.gain, signed=True), mean_sd(s.coverage, 4), mean_sd(s.final_loss, 4),
+                 mean_sd(s.gain, signed=True), mean_sd(s.coverage, 4), mean_sd(s.teacher_mass, 4),
+                 mean_sd(s.final_loss, 4),
                  mean_sd(s.steps_per_second, 2)]  # fmt: skip
         if tools:
             cells += [mean_sd(s.tool_calls, 2), mean_sd(s.tool_success, 3)]
