@@ -1,7 +1,7 @@
 """lightning_opd: on-policy distillation across tokenizers (see the README's architecture).
 
-The aligner package is imported first: importing it registers every aligner, and the aligner
-name check that `config.validate` runs (config itself imports no aligner).
+The aligner and data packages are imported first: importing them registers every aligner and
+task, and the name checks that `config.validate` runs (config itself imports neither).
 """
 
-from lightning_opd import align  # noqa: F401
+from lightning_opd import align, data  # noqa: F401

@@ -6,6 +6,10 @@ Every setting lives in a dataclass below (one per concern), with a docstring-sty
 schema <- base.yaml <- experiment files <- `key=value` overrides, in that order, through
 `OmegaConf.structured`, so an unknown key or a wrong type fails before any work, with a message
 naming the key and the file (or "command line") it came from.
+
+A model given by `path` brings its own tokenizer and is used as it is: unless an experiment file
+or the command line sets them, its `tokenizer.source` becomes `model` and its `sft.steps` 0
+(`_own_model_defaults`; base.yaml's values are defaults, not choices).
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
+TINY_ARCHS = ("llama", "qwen2")  # the families `models.tiny_model` builds
+ACCELERATORS = ("cpu", "gpu", "auto")
+MODEL_ROLES = ("student", "teacher")
 
 
 @dataclass
@@ -66,7 +73,7 @@ class TinyModelConfig:
 class TokenizerConfig:
     """Where a tokenizer comes from; `train` builds one on the spot from task text."""
 
-    source: str = "train"  # train | a tokenizer.json path | a directory | a hub id | fixture:NAME
+    source: str = "train"  # train | model | a tokenizer.json path | a directory | a hub id | fixture:NAME
     digits: str = "split"  # source=train: split (a token per digit) | merge (digit runs) | split_vocab_merge
     vocab_size: int = 160  # for source=train
     chat_template: Optional[str] = None  # jinja template; None = the tokenizer's own or fallback
@@ -87,7 +94,9 @@ class SFTConfig:
 class ModelConfig:
     """One model (student or teacher) and its tokenizer."""
 
-    path: Optional[str] = None  # local path or hub id; None = build `tiny`
+    # a local HF model folder or a hub id; None = build `tiny`. A path implies tokenizer.source=model
+    # and sft.steps=0 unless an experiment file or the command line sets them (`_own_model_defaults`)
+    path: Optional[str] = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -99,7 +108,7 @@ class RolloutConfig:
     """Student sampling."""
 
     engine: str = "hf"  # hf (transformers generate) | vllm (colocated vLLM engine; GPU + the vllm extra)
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0 = greedy (argmax), as vLLM reads it
     top_p: float = 1.0
     max_new_tokens: int = 64
     samples_per_prompt: int = 1
@@ -258,12 +267,14 @@ def _merge(cfg: DictConfig, other: DictConfig, origin: str) -> DictConfig:
 
 
 def load(*files: str | Path, overrides: list[str] | tuple[str, ...] = (), base: bool = True) -> Config:
-    """Merge the schema, base.yaml (if `base`), `files` and `key=value` overrides.
+    """Merge the schema, base.yaml (if `base`), `files` and `key=value` overrides, then fill in
+    what a model `path` implies (`_own_model_defaults`) and `validate`.
 
     Returns a structured (typed) OmegaConf object that behaves like a `Config`.
     """
     cfg = OmegaConf.structured(Config)
     paths = ([BASE_CONFIG] if base else []) + [Path(f) for f in files]
+    chosen: list[DictConfig] = []  # what the user set: experiment files and the command line
     for path in paths:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
@@ -272,13 +283,44 @@ def load(*files: str | Path, overrides: list[str] | tuple[str, ...] = (), base: 
         except Exception as err:  # YAML syntax errors carry line numbers in their text
             raise ConfigError(f"{path}: cannot parse YAML: {err}") from None
         cfg = _merge(cfg, loaded, str(path))
+        if path.resolve() != BASE_CONFIG:  # base.yaml only repeats the defaults
+            chosen.append(loaded)  # type: ignore[arg-type]
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"command line: overrides must look like key=value, got {bad}")
     if overrides:
-        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command line")
+        command_line = OmegaConf.from_dotlist(list(overrides))
+        cfg = _merge(cfg, command_line, "command line")
+        chosen.append(command_line)
+    _own_model_defaults(cfg, chosen)  # type: ignore[arg-type]
     validate(cfg)  # type: ignore[arg-type]
     return cfg  # type: ignore[return-value]
+
+
+_UNSET = object()
+
+
+def _set_by_user(chosen: list[DictConfig], key: str) -> bool:
+    """Whether an experiment file or the command line sets `key` (to any value, null included)."""
+    return any(OmegaConf.select(source, key, default=_UNSET) is not _UNSET for source in chosen)
+
+
+def _own_model_defaults(cfg: Config, chosen: list[DictConfig]) -> None:
+    """A model loaded from `path` keeps its own tokenizer and weights unless the user says otherwise.
+
+    The defaults (`tokenizer.source: train`, a few hundred SFT steps) are for the tiny models built
+    on the spot: paired with a pretrained model they would train a small tokenizer whose ids do not
+    match its embeddings (an IndexError mid-step), after fine-tuning the model unasked. So for a
+    model with `path`, `tokenizer.source` becomes `model` and `sft.steps` 0, each unless an
+    experiment file or the command line sets it (base.yaml's values are only the defaults)."""
+    for role in MODEL_ROLES:
+        model: ModelConfig = getattr(cfg, role)
+        if not model.path:
+            continue
+        if not _set_by_user(chosen, f"{role}.tokenizer.source"):
+            model.tokenizer.source = "model"
+        if not _set_by_user(chosen, f"{role}.sft.steps"):
+            model.sft.steps = 0
 
 
 _CHOICES = {
@@ -295,8 +337,13 @@ _CHOICES = {
     "student.tokenizer.digits": ("split", "merge", "split_vocab_merge"),
     "teacher.tokenizer.digits": ("split", "merge", "split_vocab_merge"),
     "trainer.strategy": ("auto", "ddp", "fsdp"),
+    "trainer.accelerator": ACCELERATORS,
+    "student.tiny.arch": TINY_ARCHS,
+    "teacher.tiny.arch": TINY_ARCHS,
     "run.logger": ("csv", "tensorboard", "wandb"),
 }
+# values of `run.resume_from` that Lightning resolves itself (not files)
+LIGHTNING_CKPT_NAMES = ("last", "hpc", "registry")
 
 
 def validate(cfg: Config) -> None:
@@ -310,6 +357,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
     if cfg.trainer.max_steps < 0:
         raise ConfigError(f"trainer.max_steps must be >= 0, got {cfg.trainer.max_steps}")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    if cfg.rollout.temperature < 0:  # 0 is allowed: greedy rollouts (rollout/generate.py)
+        raise ConfigError(f"rollout.temperature must be >= 0 (0 = greedy), got {cfg.rollout.temperature}")
     if not 0.0 <= cfg.loss.beta <= 1.0:
         raise ConfigError(f"loss.beta must be in [0, 1], got {cfg.loss.beta}")
     if not cfg.loss.temperature > 0:
@@ -322,6 +373,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"tools.sandbox.{key} must be > 0, got {getattr(box, key)}")
     _validate_aligner(cfg.aligner)
     _validate_tools(cfg)
+    _validate_paths(cfg)
     for check in REGISTRY_CHECKS:
         check(cfg)
 
@@ -337,6 +389,48 @@ def _validate_aligner(aligner: AlignerConfig) -> None:
         raise ConfigError(f"aligner.ratio must be in [0, 1], got {aligner.ratio}")
     if not aligner.alm_temperature > 0:
         raise ConfigError(f"aligner.alm_temperature must be > 0, got {aligner.alm_temperature}")
+
+
+def _looks_local(path: str) -> bool:
+    """Whether `path` names a local folder rather than a hub id (`org/name` or `name`): it starts
+    with `/`, `./` or `../`, or its parent folder exists here. Nothing is looked up online."""
+    if path.startswith(("/", "./", "../")):
+        return True
+    parent = Path(path).parent
+    return parent != Path(".") and parent.is_dir()
+
+
+def _validate_paths(cfg: Config) -> None:
+    """Files and folders that a run would fail on only after minutes of preparation."""
+    for role in MODEL_ROLES:
+        model: ModelConfig = getattr(cfg, role)
+        if not model.path:
+            continue
+        if model.path.lower().endswith(".gguf"):
+            raise ConfigError(
+                f"{role}.path={model.path!r}: GGUF files are not supported yet; give a Hugging Face model "
+                "folder (config.json, weights, tokenizer files) or a hub id"
+            )
+        if _looks_local(model.path) and not Path(model.path).exists():
+            raise ConfigError(
+                f"{role}.path={model.path!r}: no such local folder; give an existing model folder "
+                "(as written by save_pretrained) or a hub id such as Qwen/Qwen3-0.6B"
+            )
+        if model.tokenizer.source == "train":
+            # set explicitly (else _own_model_defaults made it `model`): a tokenizer trained here
+            # has a few hundred ids, the model's embeddings were trained on its own vocabulary
+            raise ConfigError(
+                f"{role}.path is set with {role}.tokenizer.source=train, which trains a new tokenizer that "
+                f"does not match the model's vocabulary; use {role}.tokenizer.source=model "
+                f"(and {role}.sft.steps=0 to use the model as it is)"
+            )
+    resume = cfg.run.resume_from
+    if resume and "://" not in resume and resume not in LIGHTNING_CKPT_NAMES and not resume.startswith("registry:"):
+        if not Path(resume).exists():  # a file, or a folder (FSDP's sharded checkpoints)
+            raise ConfigError(
+                f"run.resume_from={resume!r}: no such checkpoint; give an existing .ckpt "
+                "(a run's checkpoints/last.ckpt) or drop run.resume_from to start afresh"
+            )
 
 
 def _validate_tools(cfg: Config) -> None:

@@ -3,22 +3,30 @@
 prepare (tokenizers, teacher SFT, student warm start; cached) -> OPDModule -> Lightning
 Trainer.fit -> summary.json. The run directory holds the resolved config (`config.yaml`),
 the logged metrics (`metrics.csv`), checkpoints and `summary.json`.
+
+Ctrl-C during training saves `checkpoints/last.ckpt` as of the last finished step
+(`SaveOnInterrupt`), prints one line saying how to resume, and raises `TrainingInterrupted`
+(the CLI exits 130).
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 
 from lightning_opd.config import Config, ConfigError, save
 from lightning_opd.data import PromptDataModule
+from lightning_opd.errors import TrainingInterrupted
 from lightning_opd.evaluation import evaluate_accuracy
-from lightning_opd.module import OPDModule
+from lightning_opd.module import OPDModule, rng_state, set_rng_state
 from lightning_opd.prepare import prepare
 from lightning_opd.rollout.sandbox import refusal as sandbox_refusal
 
@@ -71,14 +79,116 @@ def build_trainer(cfg: Config, run_dir: Path, extra_callbacks: list | None = Non
     )
 
 
+class SaveOnInterrupt(Callback):
+    """On Ctrl-C during fit, saves the state of the last finished step to `path`.
+
+    Lightning catches the KeyboardInterrupt, calls `on_exception`, tears down and exits with code
+    1; `train` turns that exit into `TrainingInterrupted`. A step cut off before its optimizer
+    update is dropped, so that the resumed run takes it again exactly as an uninterrupted run
+    would: the datamodule's batch count and the RNG go back to their values at the end of the
+    last finished step (kept at each step end), and the loop's counters back to that step's end.
+    Nothing is saved when the cut falls inside the optimizer update (the weights may be half
+    changed), before any step of this call finished, or with several processes (another rank
+    may sit in a collective that never completes, and saving would hang)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.interrupted = False  # a KeyboardInterrupt reached on_exception
+        self.saved: Path | None = None
+        self.reason = ""  # why nothing was saved
+        self._step_end: tuple[int, int | None, dict] | None = None  # (global step, batches consumed, RNG)
+        self._updating = False  # between the backward pass and the end of the optimizer step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._updating = False
+        consumed = getattr(trainer.datamodule, "batches_consumed", None)
+        self._step_end = (trainer.global_step, consumed, rng_state())
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self._updating = True  # the closure (rollout, loss, backward) is done; the weights change next
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt):
+            return
+        self.interrupted = True
+        if trainer.world_size > 1:
+            self.reason = f"no checkpoint is saved on Ctrl-C with {trainer.world_size} processes"
+            return
+        if self._step_end is None:
+            self.reason = "no step of this run had finished"
+            return
+        step, consumed, rng = self._step_end
+        if trainer.global_step == step:  # the current step's update has not happened
+            if self._updating:
+                self.reason = "the interrupt came during the optimizer update (weights may be half-updated)"
+                return
+            if consumed is not None:
+                trainer.datamodule.batches_consumed = consumed  # the cut-off batch is trained on resume
+            set_rng_state(rng)  # OPDModule.on_save_checkpoint saves the RNG as it is now
+            for progress in (trainer.fit_loop.epoch_loop.batch_progress.total,
+                             trainer.fit_loop.epoch_loop.batch_progress.current):  # fmt: skip
+                # as at the end of the last finished step: Lightning then restarts with the next batch
+                progress.ready = progress.started = progress.processed = progress.completed
+        # else the step's update is done (the interrupt came while its hooks ran): save it as it is
+        trainer.save_checkpoint(self.path, weights_only=False)  # all of it: optimizer, loops, data
+        self.saved = self.path
+
+
+def _interrupted(cfg: Config, run_dir: Path, trainer: L.Trainer, saver: SaveOnInterrupt) -> TrainingInterrupted:
+    """The one line printed (rank 0) after Ctrl-C, as an exception to raise."""
+    step = int(trainer.global_step)
+    if saver.saved is not None:
+        message = (f"interrupted after {step} finished step(s): saved {saver.saved}; to resume, run the same "
+                   f"command with run.name={run_dir.name} run.resume_from={saver.saved}")  # fmt: skip
+    elif cfg.run.resume_from:
+        message = (f"interrupted ({saver.reason}): nothing new saved; to resume, run the same command again "
+                   f"(run.resume_from={cfg.run.resume_from})")  # fmt: skip
+    else:
+        periodic = run_dir / "checkpoints" / "last.ckpt"
+        where = (f"to resume from the last periodic checkpoint, run the same command with run.name={run_dir.name} "
+                 f"run.resume_from={periodic}") if periodic.exists() else "run the command again to start over"  # fmt: skip
+        message = f"interrupted ({saver.reason}): nothing saved; {where}"
+    if trainer.is_global_zero:
+        print(f"lightning-opd: {message}", file=sys.stderr, flush=True)
+    return TrainingInterrupted(message, saver.saved)
+
+
+def preflight(cfg: Config) -> None:
+    """Checks of the machine (not of the config) that would otherwise fail after preparation.
+
+    Not in `config.validate`: that also runs for `lightning-opd config` and for loading the GPU
+    paper configs on a CPU machine, where a missing GPU is no error."""
+    if cfg.tools.enabled and (refused := sandbox_refusal(cfg.tools.sandbox.allow_unsandboxed)):
+        raise ConfigError(f"tools.enabled=true: {refused}")
+    if cfg.trainer.accelerator == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.accelerator=gpu, but no CUDA GPU is visible to torch; "
+                              "use trainer.accelerator=cpu (or auto)")  # fmt: skip
+        devices = cfg.trainer.devices
+        if isinstance(devices, int) and devices > torch.cuda.device_count():
+            raise ConfigError(f"trainer.devices={devices}, but this machine has {torch.cuda.device_count()} "
+                              f"CUDA GPU(s); set trainer.devices to at most that")  # fmt: skip
+
+
+def _restore_sigint(handler: Any) -> None:
+    """Lightning ignores SIGINT after catching a KeyboardInterrupt (so a second Ctrl-C cannot cut
+    its shutdown short); give the caller's handler back."""
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except (ValueError, TypeError):  # not the main thread, or a handler Python did not install
+        pass
+
+
 def train(cfg: Config, callbacks: list | None = None) -> dict:
     """Run one experiment; returns the summary (also written to <run_dir>/summary.json).
 
-    `callbacks` are extra Lightning callbacks (tests use one to stop a run part-way).
+    `callbacks` are extra Lightning callbacks (tests use one to stop a run part-way). Ctrl-C
+    during training raises `TrainingInterrupted`, after saving the last finished step.
     """
     start = time.time()
-    if cfg.tools.enabled and (refused := sandbox_refusal(cfg.tools.sandbox.allow_unsandboxed)):
-        raise ConfigError(f"tools.enabled=true: {refused}")  # before minutes of preparation
+    preflight(cfg)  # before minutes of preparation
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     run_dir = run_directory(cfg)
     save(cfg, run_dir / "config.yaml")
@@ -99,9 +209,20 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     # Lightning's CSVLogger starts metrics.csv afresh: keep the rows of the interrupted part
     earlier_metrics = _read_metrics(run_dir) if cfg.run.resume_from else []
-    trainer = build_trainer(cfg, run_dir, callbacks)
+    saver = SaveOnInterrupt(run_dir / "checkpoints" / "last.ckpt")
+    trainer = build_trainer(cfg, run_dir, [*(callbacks or []), saver])
     train_start = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.run.resume_from)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.run.resume_from)
+    except SystemExit:  # how Lightning ends a fit that a KeyboardInterrupt stopped
+        if not saver.interrupted:
+            raise
+        if earlier_metrics and trainer.is_global_zero:  # a resumed part: keep the earlier parts' rows
+            _merge_metrics(run_dir, earlier_metrics)
+        raise _interrupted(cfg, run_dir, trainer, saver) from None
+    finally:
+        _restore_sigint(sigint)
     train_seconds = time.time() - train_start
     if earlier_metrics and trainer.is_global_zero:
         _merge_metrics(run_dir, earlier_metrics)

@@ -133,3 +133,66 @@ def test_schema_sections_are_dataclasses():
         if f.name != "experiment":
             assert dataclasses.is_dataclass(f.default_factory())  # type: ignore[misc]
     assert config_module.BASE_CONFIG.is_file()
+
+
+# checked at config time, before any preparation: each a one-line error naming the key
+EARLY = [
+    (["data.source=gsm9k"], "data.source"),
+    (["student.tiny.arch=gpt2"], "student.tiny.arch"),
+    (["teacher.tiny.arch=mamba"], "teacher.tiny.arch"),
+    (["trainer.accelerator=tpu"], "trainer.accelerator"),
+    (["rollout.temperature=-0.5"], "rollout.temperature"),
+    (["data.batch_size=0"], "data.batch_size"),
+    (["run.resume_from=/no/such/run/last.ckpt"], "run.resume_from"),
+    (["student.path=./no-such-model"], "student.path"),
+    (["student.path=../no-such-model"], "student.path"),
+    (["teacher.path=/no/such/model"], "teacher.path"),
+    (["student.path=./model.Q4_K_M.gguf"], "student.path"),
+    (["aligner.name=foo"], "aligner.name"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), EARLY, ids=lambda x: str(x))
+def test_config_command_exits_2_on_a_bad_value_naming_the_key(capsys, overrides, key):
+    code = main(["config", *overrides])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert f"config error: {key}" in err and len(err.splitlines()) == 1
+
+
+def test_a_path_under_an_existing_folder_is_local_and_must_exist(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ConfigError, match=r"student\.path='models/missing': no such local folder"):
+        load(overrides=["student.path=models/missing"])
+    (tmp_path / "models" / "mine").mkdir()
+    load(overrides=["student.path=models/mine"])
+    load(overrides=["student.path=Org/hub-model"])  # no folder Org here: a hub id, not looked up
+
+
+def test_accepted_edge_values(tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"")
+    cfg = load(overrides=["rollout.temperature=0", "data.batch_size=1", f"run.resume_from={ckpt}",
+                          f"student.path={tmp_path}", "trainer.accelerator=cpu"])  # fmt: skip
+    assert cfg.rollout.temperature == 0.0
+    load(overrides=["run.resume_from=last"])  # a name Lightning resolves itself
+
+
+def test_temperature_zero_rolls_out_greedily():
+    from lightning_opd.rollout.generate import sampling_kwargs
+
+    assert sampling_kwargs(load(overrides=["rollout.temperature=0"]).rollout, greedy=False) == {"do_sample": False}
+    assert sampling_kwargs(load().rollout, greedy=False)["do_sample"] is True
+
+
+def test_gpu_without_cuda_stops_before_any_work(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    code = main(["train", "trainer.accelerator=gpu", f"run.output_dir={tmp_path}", f"run.cache_dir={tmp_path}/c"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "trainer.accelerator=gpu" in err and "trainer.accelerator=cpu" in err and len(err.splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # no run directory, no cache: nothing was prepared

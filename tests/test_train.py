@@ -5,15 +5,17 @@ from __future__ import annotations
 import csv
 import json
 import math
+import signal
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
 from lightning_opd.cli import main
 from lightning_opd.config import load
 from lightning_opd.module import OPDModule
-from lightning_opd.train import SUMMARY_KEYS, train
+from lightning_opd.train import SUMMARY_KEYS, TrainingInterrupted, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -173,3 +175,78 @@ def test_grpo_mixing_with_sod_weights_trains(tmp_path, cache_dir, monkeypatch):
 def test_outcome_term_is_not_logged_without_grpo_mixing(tmp_path, cache_dir):
     summary = train(tiny_cfg(tmp_path, cache_dir, "trainer.max_steps=1"))
     assert "train/outcome_term" not in step_rows(summary)[0]
+
+
+class InterruptAt(L.Callback):
+    """Raises KeyboardInterrupt, as Ctrl-C would, when step `step` is about to run."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_continues_at_that_step(tmp_path, cache_dir, capsys):
+    steps = "trainer.max_steps=3"
+    straight = train(tiny_cfg(tmp_path, cache_dir, "run.name=straight", steps))
+    handler = signal.getsignal(signal.SIGINT)
+    capsys.readouterr()
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(tiny_cfg(tmp_path, cache_dir, "run.name=cut", steps), callbacks=[InterruptAt(2)])
+    assert signal.getsignal(signal.SIGINT) is handler  # Lightning's SIG_IGN is undone
+    ckpt = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    assert stopped.value.checkpoint == ckpt and ckpt.is_file()
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("lightning-opd:")]
+    assert f"run.name=cut run.resume_from={ckpt}" in line and "after 2 finished step(s)" in line
+
+    # cut again before its first step: nothing new is saved, and metrics.csv keeps the rows so far
+    with pytest.raises(TrainingInterrupted) as again:
+        train(tiny_cfg(tmp_path, cache_dir, "run.name=cut", steps, f"run.resume_from={ckpt}"),
+              callbacks=[InterruptAt(2)])  # fmt: skip
+    assert again.value.checkpoint is None and f"run.resume_from={ckpt}" in again.value.message
+    assert [r["step"] for r in step_rows({"run_dir": str(tmp_path / "cut")})] == ["0", "1"]
+
+    resumed = train(tiny_cfg(tmp_path, cache_dir, "run.name=cut", steps, f"run.resume_from={ckpt}"))
+    assert resumed["steps"] == 3
+    rows, reference = step_rows(resumed), step_rows(straight)
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]  # steps 0, 1 kept; 2 trained now
+    # the step cut off was taken again as the uninterrupted run took it: same batch, same samples
+    losses = [float(r["train/loss"]) for r in rows]
+    assert losses == pytest.approx([float(r["train/loss"]) for r in reference], rel=1e-6)
+
+
+def test_ctrl_c_before_a_step_finished_saves_nothing_and_says_so(tmp_path, cache_dir):
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(tiny_cfg(tmp_path, cache_dir, "run.name=early"), callbacks=[InterruptAt(0)])
+    assert stopped.value.checkpoint is None and "start over" in stopped.value.message
+    assert not (tmp_path / "early" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_cli_train_exits_130_on_ctrl_c_mid_step_naming_the_checkpoint(tmp_path, cache_dir, capsys, monkeypatch):
+    rollout = OPDModule.rollout
+
+    def cut_in_step_1(self, *args, **kwargs):  # Ctrl-C while the student samples, in the second step
+        if self.global_step == 1:
+            raise KeyboardInterrupt
+        return rollout(self, *args, **kwargs)
+
+    monkeypatch.setattr(OPDModule, "rollout", cut_in_step_1)
+    args = ["train", str(ROOT / "configs/experiment/default.yaml"), *TINY, f"run.output_dir={tmp_path}",
+            f"run.cache_dir={cache_dir}", "run.name=cli_cut"]  # fmt: skip
+    assert main(args) == 130
+    ckpt = tmp_path / "cli_cut" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 1
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("lightning-opd:")]
+    assert len(lines) == 1 and f"run.resume_from={ckpt}" in lines[0]
+
+
+def test_cli_exits_130_on_ctrl_c_during_preparation(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lightning_opd.train.prepare", interrupted)
+    assert main(["train", *TINY, f"run.output_dir={tmp_path}", "run.name=prep"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "lightning-opd: interrupted"

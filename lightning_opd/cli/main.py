@@ -3,7 +3,9 @@
     lightning-opd train configs/experiment/default.yaml trainer.max_steps=20 aligner.name=exact
     lightning-opd config configs/experiment/default.yaml      # print the resolved config
 
-Config problems (unknown key, wrong type, bad value) exit with code 2 and a one-line message.
+Config problems (unknown key, wrong type, bad value) exit with code 2 and a one-line message;
+Ctrl-C exits with 130 (128 + SIGINT, as shells report it), after `train` saved the last finished
+step and printed how to resume.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ import sys
 from collections.abc import Callable
 
 from lightning_opd.config import ConfigError, load, to_yaml
+from lightning_opd.errors import TrainingInterrupted
+
+EXIT_CONFIG_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
 def _split(items: list[str]) -> tuple[list[str], list[str]]:
@@ -108,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command][0](args)
     except ConfigError as err:
         print(f"lightning-opd: config error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
+    except TrainingInterrupted:  # train printed where the checkpoint is and how to resume
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # Ctrl-C outside training (preparation, between ablation runs)
+        print("lightning-opd: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 `build_task(cfg)` picks a registered task by `data.source` (`arith` | `jsonl`, see
 `tasks.py`); `PromptDataModule(cfg)` streams its examples in batches, sharded over ranks and
-DataLoader workers, resumable from `state_dict()` (see `datamodule.py`).
+DataLoader workers, resumable from `state_dict()` (see `datamodule.py`). Importing this package
+adds the `data.source` name check to `config.validate` (as `align` does for aligner names).
 """
 
+from ..config import REGISTRY_CHECKS, Config, ConfigError
 from .datamodule import Batch, PromptDataModule, PromptStream
 from .tasks import (
     ARITH_OPS,
@@ -35,3 +37,12 @@ __all__ = [
     "split_reference",
 ]
 from . import tool_task  # noqa: F401,E402  (registers arith_tool)
+
+
+def _check_task_name(cfg: Config) -> None:
+    names = sorted(TASKS)
+    if cfg.data.source not in names:
+        raise ConfigError(f"data.source={cfg.data.source!r} is not a registered task; choose from {names}")
+
+
+REGISTRY_CHECKS.append(_check_task_name)  # `config.validate` runs it, before any data is read

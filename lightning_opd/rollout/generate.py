@@ -51,8 +51,9 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 def sampling_kwargs(cfg: RolloutConfig, greedy: bool) -> dict:
     """HF `generate` arguments of the decoding rule: argmax, or sampling at cfg's temperature
-    and top-p with no top-k cut."""
-    if greedy:
+    and top-p with no top-k cut. `rollout.temperature: 0` means argmax, as in vLLM (HF's sampler
+    would refuse a zero temperature mid-step)."""
+    if greedy or cfg.temperature == 0:
         return {"do_sample": False}
     return {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
 
