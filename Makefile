@@ -38,8 +38,8 @@ sandbox: ## install bubblewrap (the tool-call sandbox) if missing and apt-get ca
 test: $(STAMP) sandbox ## run the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-ablate: $(STAMP) ## one run per overlay and seed: make ablate EXP=default KNOB=aligner SEEDS="0 1 2"
-	$(BIN)/lightning-opd ablate configs/experiment/$(EXP).yaml $(ARGS) --knob $(KNOB) --seeds "$(SEEDS)"
+ablate: $(STAMP) ## one run per overlay and seed: make ablate EXP=default KNOB=aligner SEEDS="0 1 2" [ONLY=a,b]
+	$(BIN)/lightning-opd ablate configs/experiment/$(EXP).yaml $(ARGS) --knob $(KNOB) --seeds "$(SEEDS)" $(if $(ONLY),--only "$(ONLY)")
 
 report: $(STAMP) ## table.md + curves.png from finished runs: make report RUNS=results/default/aligner
 	$(BIN)/lightning-opd report $(RUNS)

@@ -148,6 +148,8 @@ class SODConfig:
     reference: str = "first"  # divergence the steps are compared with: first | previous | running_mean
     split: str = "tool_turns"  # steps: tool_turns (between tool calls) | delimiter (tool-free reasoning)
     delimiter: str = "\n\n"  # split=delimiter: the step separator (a blank line)
+    min_weight: float = 0.0  # floor on w_k (ours; 0 = paper); in [0, 1 + delta]
+    min_reference: float = 0.0  # floor on the reference divergence (ours; 0 = paper): ref = max(ref, this)
 
 
 @dataclass
@@ -162,7 +164,7 @@ class RLConfig:
 class AlignerConfig:
     """How student and teacher tokens of the same text are put into supervision rows."""
 
-    name: str = "simct"  # a registered aligner: exact | simct | simct_1to1 | random_span | alm | uld
+    name: str = "bpm"  # a registered aligner: bpm | exact | simct | simct_1to1 | random_span | alm | uld
     span_logit: str = "mean_logit"  # simct span slot: mean_logit (released code) | mean_logprob
     boundary: str = "match"  # segments close at: match (1:1 tokens) | offset (any common boundary)
     ratio: float = 0.3  # random_span: fraction of shared-token rows merged into spans
@@ -187,7 +189,7 @@ class LossConfig:
 class OptimConfig:
     """AdamW with linear warm-up and cosine decay."""
 
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_ratio: float = 0.05  # fraction of max_steps spent warming up
@@ -231,12 +233,14 @@ class Config:
 
     experiment: str = "default"  # a name for the run
     data: DataConfig = field(default_factory=DataConfig)
-    # the embedded default: a 2x128 Llama-style student with a small BPE (60 merges), warm-started
-    # by a short SFT, and a 4x128 Qwen2-style teacher with a larger BPE (160 merges), SFT-trained;
-    # both split digits (docs/results.md says why: digit-granularity conflicts broke V∩ OPD here)
+    # the embedded default: a 2x128 Llama-style student with a small BPE (60 merges) that merges
+    # digit runs, warm-started by a short SFT, and a 4x128 Qwen2-style teacher with a larger BPE
+    # (160 merges) that splits digits, SFT-trained: the tokenizers disagree on every number, where
+    # V∩ aligners fail and bpm does not (docs/results/conflict.md)
     student: ModelConfig = field(
         default_factory=lambda: ModelConfig(
-            tiny=TinyModelConfig(num_layers=2), tokenizer=TokenizerConfig(vocab_size=60), sft=SFTConfig(steps=250)
+            tiny=TinyModelConfig(num_layers=2), tokenizer=TokenizerConfig(vocab_size=60, digits="merge"),
+            sft=SFTConfig(steps=250),
         )
     )
     teacher: ModelConfig = field(
@@ -439,15 +443,8 @@ def _validate_tools(cfg: Config) -> None:
         return
     if cfg.rollout.engine == "vllm":
         raise ConfigError("rollout.engine=vllm does not run tool calls (tools.enabled=true); use rollout.engine=hf")
-    one_device = cfg.trainer.devices == 1 and cfg.trainer.num_nodes == 1
-    if cfg.trainer.strategy == "fsdp" and not one_device:
-        # each rank's tool loop runs a data-dependent number of generate calls, and sharded
-        # models need every rank in every forward: that would hang, so refuse up front
-        raise ConfigError(
-            "tools.enabled=true with trainer.strategy=fsdp on more than one device is not supported "
-            "(tool rollouts are not synchronised across ranks); use trainer.strategy=ddp, "
-            f"or trainer.devices=1 and trainer.num_nodes=1 (got {cfg.trainer.devices} and {cfg.trainer.num_nodes})"
-        )
+    # fsdp on several devices is fine: the tool loop keeps the ranks' forward passes in step
+    # (rollout/tools.py, "Sharded models")
 
 
 def to_yaml(cfg: Config) -> str:

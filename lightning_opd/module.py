@@ -400,7 +400,8 @@ class OPDModule(L.LightningModule):
             teacher_lp = unit_logprobs(scored.teacher, rows.t_members, rows.t_member_row, n, tau)
         sod = self.cfg.sod
         stats = batched_step_weights(student_lp, teacher_lp, row_step, row_response,
-                                     delta=sod.delta, eps=sod.eps, reference=sod.reference)  # fmt: skip
+                                     delta=sod.delta, eps=sod.eps, reference=sod.reference,
+                                     min_weight=sod.min_weight, min_reference=sod.min_reference)  # fmt: skip
         self._write_sod_record(stats)
         return stats
 

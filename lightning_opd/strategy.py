@@ -10,7 +10,9 @@
   `trainer.activation_checkpointing` recomputes each decoder layer in the backward pass.
 
 Under `fsdp` every forward pass is a collective, so all ranks must run the same number of them:
-generation uses `synced_gpus=True` (ranks whose responses ended keep stepping until all have).
+generation uses `synced_gpus=True` (ranks whose responses ended keep stepping until all have),
+and tool rollouts also keep their turns in step (a finished rank joins the others' turns on a
+dummy batch, rollout/tools.py).
 """
 
 from __future__ import annotations

@@ -26,8 +26,24 @@ checked against this module:
   run of its own: a step of one token, after the last. `eos_step_id` does the same here; an EOS
   that follows a model token joins that token's step.
 - there is no lower bound on w_k; ε = 1e-6, δ = 0.2 in `examples/SOD/run_sod.sh` (the function's
-  own default δ is 0.5).
+  own default δ is 0.5). Nor is d_1 bounded below: only ε keeps the ratio finite.
 - the advantage is A_t = A_GRPO + opd_coef · w_k · (log π_T(y_t) − log π_S(y_t)) · mask_t.
+
+Collapse, and two floors (options, ours; both 0 = off = the paper's weights, bit for bit). With
+`first`, a trivial first step (d_1 ≈ 0: student and teacher agree on it) sends every later
+weight to ≈ ε/(d_k + ε) ≈ 0: the teacher is muted for the whole rest of the response (reported
+on such a task: train/sod/w_min 0.0, w_mean 0.61). The released code has no guard against it
+(above: no lower bound on w_k or d_1).
+
+- `min_reference` (sod.min_reference = r): ref_k ← max(ref_k, r) before the ratio, so
+  w_k = min((max(ref_k, r) + ε)/(d_k + ε), 1 + δ). It removes the cause: a step is compared
+  with at least the divergence r, so a later step with d_k ≤ r keeps its full weight (≥ 1) and
+  only a real jump above r is muted. Scale-dependent: r is in units of |log π_S − log π_T|.
+- `min_weight` (sod.min_weight = m, 0 ≤ m ≤ 1 + δ): w_k ← max(w_k, m) for k ≥ 2 (w_1 = 1
+  anyway), so no step's teacher signal drops below the fraction m, whatever the reference.
+  Scale-free, but it also lifts the weights of steps that are muted for a good reason.
+
+Applied in that order (floor the reference, take the ratio, clip to [m, 1 + δ]).
 
 Mixing (the module applies it; `RLConfig`): for response i of a group g and token t of step k
 
@@ -51,17 +67,27 @@ import torch
 REFERENCES = ("first", "previous", "running_mean")
 
 
+def _check_floors(delta: float, min_weight: float, min_reference: float) -> None:
+    """The floors must be >= 0, and the weight floor must not exceed the cap 1 + δ."""
+    if min_reference < 0:
+        raise ValueError(f"min_reference must be >= 0, got {min_reference}")
+    if not 0 <= min_weight <= 1.0 + delta:
+        raise ValueError(f"min_weight must be in [0, 1 + delta] = [0, {1.0 + delta}], got {min_weight}")
+
+
 def _weights_from_steps(
     d: torch.Tensor, is_first: torch.Tensor, start: torch.Tensor, delta: float, eps: float,
-    reference: str,
+    reference: str, min_weight: float = 0.0, min_reference: float = 0.0,
 ) -> torch.Tensor:
     """w for M steps laid out sequence after sequence, each sequence's steps in order.
 
     d (M,) divergences; is_first (M,) bool, True at a sequence's first step; start (M,) index
-    of that first step for every step. Returns w (M,), 1 at first steps.
+    of that first step for every step. min_weight, min_reference: the floors of the module
+    docstring (0 = off). Returns w (M,), 1 at first steps.
     """
     if reference not in REFERENCES:
         raise ValueError(f"reference={reference!r} is not one of {list(REFERENCES)}")
+    _check_floors(delta, min_weight, min_reference)
     if reference == "first":
         ref = d[start]
     elif reference == "previous":
@@ -71,12 +97,18 @@ def _weights_from_steps(
         idx = torch.arange(len(d), device=d.device)
         n_before = (idx - start).clamp(min=1)
         ref = (csum[idx] - csum[start]) / n_before
+    # the floors are applied only when set, so that the default is the paper's computation, op for op
+    if min_reference > 0:
+        ref = ref.clamp(min=min_reference)
     w = ((ref + eps) / (d + eps)).clamp(max=1.0 + delta)
+    if min_weight > 0:
+        w = w.clamp(min=min_weight)
     return torch.where(is_first, torch.ones_like(w), w)
 
 
 def sod_weights(
-    step_divergences: torch.Tensor, delta: float = 0.2, eps: float = 1e-6, reference: str = "first"
+    step_divergences: torch.Tensor, delta: float = 0.2, eps: float = 1e-6, reference: str = "first",
+    min_weight: float = 0.0, min_reference: float = 0.0,
 ) -> torch.Tensor:
     """SOD weights of one trajectory's steps.
 
@@ -84,6 +116,8 @@ def sod_weights(
     w_k = min((ref_k + ε)/(d_k + ε), 1 + δ), ref_k = d_1 (first) | d_{k-1} (previous) |
     mean(d_1..d_{k-1}) (running_mean). `first` equals the released code's unclipped running
     product of adjacent ratios, clipped once per step (see the module docstring).
+    min_weight, min_reference (ours, 0 = off): w_k >= min_weight, and ref_k raised to at least
+    min_reference (module docstring: a trivial first step otherwise mutes every later step).
     """
     d = step_divergences.detach().to(torch.promote_types(step_divergences.dtype, torch.float32))
     if d.dim() != 1:
@@ -92,7 +126,7 @@ def sod_weights(
     is_first = torch.zeros(k, dtype=torch.bool, device=d.device)
     is_first[:1] = True
     start = torch.zeros(k, dtype=torch.long, device=d.device)
-    return _weights_from_steps(d, is_first, start, delta, eps, reference)
+    return _weights_from_steps(d, is_first, start, delta, eps, reference, min_weight, min_reference)
 
 
 def _runs(keys: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,12 +178,14 @@ class StepWeights:
 def batched_step_weights(
     student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, step_ids: torch.Tensor,
     sequence_ids: torch.Tensor, delta: float = 0.2, eps: float = 1e-6, reference: str = "first",
+    min_weight: float = 0.0, min_reference: float = 0.0,
 ) -> StepWeights:
     """SOD over many trajectories packed into flat (N,) tensors, with grouped (index_add) ops only.
 
     student_logprobs, teacher_logprobs: (N,); step_ids: (N,) long, -1 = ignored;
     sequence_ids: (N,) long, the trajectory of each token (any non-negative ids).
     A step is a (sequence, step id) pair; steps are ordered by step id within a sequence.
+    min_weight, min_reference: the floors of `sod_weights` (0 = off).
     """
     s, t = student_logprobs.detach(), teacher_logprobs.detach()
     step_ids = torch.as_tensor(step_ids, dtype=torch.long, device=s.device)
@@ -166,7 +202,7 @@ def batched_step_weights(
     is_first[1:] = seq[1:] != seq[:-1]
     pos = torch.arange(m, device=d.device)
     start = torch.where(is_first, pos, torch.zeros_like(pos)).cummax(0).values  # (M,)
-    w = _weights_from_steps(d, is_first, start, delta, eps, reference)
+    w = _weights_from_steps(d, is_first, start, delta, eps, reference, min_weight, min_reference)
     token_w = diff.new_zeros(len(diff))
     token_w[valid] = w[index[valid]]
     return StepWeights(token_w, seq, step, d, w)
@@ -175,10 +211,12 @@ def batched_step_weights(
 def batched_sod_weights(
     per_token_student_lp: torch.Tensor, per_token_teacher_lp: torch.Tensor, step_ids: torch.Tensor,
     sequence_ids: torch.Tensor, delta: float = 0.2, eps: float = 1e-6, reference: str = "first",
+    min_weight: float = 0.0, min_reference: float = 0.0,
 ) -> torch.Tensor:
     """Per-token SOD weights (N,) of packed trajectories (see `batched_step_weights`)."""
     return batched_step_weights(
-        per_token_student_lp, per_token_teacher_lp, step_ids, sequence_ids, delta, eps, reference
+        per_token_student_lp, per_token_teacher_lp, step_ids, sequence_ids, delta, eps, reference,
+        min_weight, min_reference,
     ).token_weights
 
 

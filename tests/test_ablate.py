@@ -18,7 +18,7 @@ from tests.test_train import ROOT, TINY
 
 EXPERIMENTS = ROOT / "configs" / "experiment"
 # knob -> the experiment its overlays are meant for
-KNOB_EXPERIMENT = {"sod": "arith_tool_opd"}
+KNOB_EXPERIMENT = {"sod": "arith_tool_opd", "span_logit": "simct"}
 
 
 def resolved(*paths: Path) -> dict:
@@ -90,6 +90,8 @@ def two_overlays(tmp_path_factory) -> Path:
     (directory / "pair").mkdir()
     for name in ("exact", "simct"):
         shutil.copy(ABLATION_DIR / "aligner" / f"{name}.yaml", directory / "pair" / f"{name}.yaml")
+    simct = directory / "pair" / "simct.yaml"  # this knob's baseline (the default's is bpm)
+    simct.write_text("# baseline\n" + simct.read_text())
     return directory
 
 
@@ -110,7 +112,7 @@ def test_ablation_end_to_end_writes_a_table_that_matches_the_runs(tmp_path, two_
     table = (root / "table.md").read_text()
     assert (root / "curves.png").stat().st_size > 1000
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| `")}
-    # simct's overlay is marked as the aligner knob's baseline
+    # simct's overlay is marked as the pair knob's baseline
     assert set(rows) == {"`exact`", "`simct` (baseline)"}
     for variant, label in (("exact", "`exact`"), ("simct", "`simct` (baseline)")):
         summary = json.loads((root / variant / "seed0" / "summary.json").read_text())

@@ -110,8 +110,6 @@ CROSS_FIELD = [
     (["aligner.span_logit=max_logit"], "aligner.span_logit"),
     (["loss.temperature=0"], "loss.temperature"),
     (["tools.enabled=true", "rollout.engine=vllm"], "rollout.engine=vllm"),
-    (["tools.enabled=true", "trainer.strategy=fsdp", "trainer.devices=2"], "tools.enabled=true with trainer.strategy=fsdp"),
-    (["tools.enabled=true", "trainer.strategy=fsdp", "trainer.num_nodes=2"], "tools.enabled=true with trainer.strategy=fsdp"),
 ]
 
 
@@ -123,8 +121,11 @@ def test_config_command_exits_2_on_a_bad_combination_naming_the_key(capsys, over
     assert key in err and len(err.splitlines()) == 1
 
 
-def test_tools_with_fsdp_on_one_device_and_without_tools_are_accepted():
+def test_tools_with_fsdp_on_one_or_more_devices_are_accepted():
+    # tool rollouts are synchronised across ranks (rollout/tools.py), no longer refused
     load(overrides=["tools.enabled=true", "trainer.strategy=fsdp", "trainer.devices=1"])
+    load(overrides=["tools.enabled=true", "trainer.strategy=fsdp", "trainer.devices=2"])
+    load(overrides=["tools.enabled=true", "trainer.strategy=fsdp", "trainer.num_nodes=2"])
     load(overrides=["trainer.strategy=fsdp", "trainer.devices=2"])
 
 

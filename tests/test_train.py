@@ -64,7 +64,7 @@ def test_train_writes_run_directory_and_summary(tmp_path, cache_dir):
     assert summary["steps"] == 2
     assert 0.0 <= summary["coverage"] <= 1.0
     on_disk = json.loads((run_dir / "summary.json").read_text())
-    assert on_disk["steps"] == 2 and on_disk["aligner"] == "simct"
+    assert on_disk["steps"] == 2 and on_disk["aligner"] == "bpm"  # the default's aligner
     assert (run_dir / "config.yaml").read_text().count("max_steps: 2") == 1
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     columns = set(rows[0])

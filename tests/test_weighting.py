@@ -86,6 +86,103 @@ def test_unknown_reference_and_empty_input() -> None:
     assert sod_weights(torch.zeros(0)).shape == (0,)
 
 
+# ----------------------------------------------------------------------------- floors (ours)
+
+TRIVIAL_FIRST = [0.0, 0.5, 1.0]  # a first step on which student and teacher agree
+
+
+def test_trivial_first_step_mutes_every_later_step_by_default() -> None:
+    w = sod_weights(torch.tensor(TRIVIAL_FIRST), reference="first")
+    # the paper's weights: (0 + ε)/(d_k + ε), about 2e-6 and 1e-6
+    assert w.tolist() == pytest.approx([1.0, EPS / (0.5 + EPS), EPS / (1.0 + EPS)], rel=1e-6)
+    assert (w[1:] < 1e-5).all()
+
+
+def test_min_weight_floors_the_collapsed_steps() -> None:
+    w = sod_weights(torch.tensor(TRIVIAL_FIRST), reference="first", min_weight=0.1)
+    assert w.tolist() == pytest.approx([1.0, 0.1, 0.1], rel=1e-6)
+    # weights above the floor are untouched, and the cap still holds
+    w = sod_weights(torch.tensor([0.5, 0.5, 1.0, 0.25]), min_weight=0.1)
+    assert w.tolist() == pytest.approx([1.0, 1.0, (0.5 + EPS) / (1.0 + EPS), 1.2], rel=1e-6)
+
+
+def test_min_reference_floors_the_reference_divergence() -> None:
+    w = sod_weights(torch.tensor(TRIVIAL_FIRST), reference="first", min_reference=0.5)
+    # ref = max(0, 0.5) = 0.5: step 2 (d = 0.5) keeps full weight, step 3 (d = 1.0) is halved
+    assert w.tolist() == pytest.approx([1.0, 1.0, (0.5 + EPS) / (1.0 + EPS)], rel=1e-6)
+    # a reference above the floor is left alone: d_1 = 2 > 0.5
+    w = sod_weights(torch.tensor([2.0, 1.0, 4.0]), min_reference=0.5, delta=10.0)
+    assert w.tolist() == pytest.approx([1.0, (2 + EPS) / (1 + EPS), (2 + EPS) / (4 + EPS)], rel=1e-6)
+    # previous: refs max(0, .25) = .25 and max(.5, .25) = .5
+    w = sod_weights(torch.tensor(TRIVIAL_FIRST), reference="previous", min_reference=0.25)
+    assert w.tolist() == pytest.approx([1.0, (0.25 + EPS) / (0.5 + EPS), (0.5 + EPS) / (1.0 + EPS)], rel=1e-6)
+
+
+def test_both_floors_in_order_reference_then_weight() -> None:
+    w = sod_weights(torch.tensor(TRIVIAL_FIRST), min_reference=0.25, min_weight=0.4)
+    # ref 0.25: ratios 0.5 and 0.25; the second is raised to the weight floor 0.4
+    assert w.tolist() == pytest.approx([1.0, (0.25 + EPS) / (0.5 + EPS), 0.4], rel=1e-6)
+    batched = batched_step_weights(torch.tensor([0.0, -0.5, -1.0, 0.0, 0.0]), torch.zeros(5),
+                                   torch.tensor([0, 1, 2, 0, 1]), torch.tensor([0, 0, 0, 3, 3]),
+                                   min_reference=0.25, min_weight=0.4)
+    # sequence 3 has d = [0, 0]: its second step is compared with the floor 0.25, not 0, so it
+    # counts as an improvement and gets the cap 1 + δ (without the floor: ε/ε = 1)
+    assert batched.weight.tolist() == pytest.approx([1.0, (0.25 + EPS) / (0.5 + EPS), 0.4, 1.0, 1.2],
+                                                    rel=1e-6)
+
+
+def test_floors_are_checked() -> None:
+    with pytest.raises(ValueError, match="min_reference"):
+        sod_weights(torch.tensor([1.0, 2.0]), min_reference=-0.1)
+    with pytest.raises(ValueError, match="min_weight"):
+        sod_weights(torch.tensor([1.0, 2.0]), min_weight=-0.1)
+    with pytest.raises(ValueError, match="min_weight"):
+        sod_weights(torch.tensor([1.0, 2.0]), delta=0.2, min_weight=1.3)
+
+
+def weights_before_floors(d, is_first, start, delta, eps, reference):
+    """`_weights_from_steps` as it was before the floors were added (copied), for the bitwise check."""
+    if reference == "first":
+        ref = d[start]
+    elif reference == "previous":
+        ref = torch.cat([d[:1], d[:-1]])
+    else:
+        csum = torch.cat([d.new_zeros(1), d.cumsum(0)])
+        idx = torch.arange(len(d), device=d.device)
+        n_before = (idx - start).clamp(min=1)
+        ref = (csum[idx] - csum[start]) / n_before
+    w = ((ref + eps) / (d + eps)).clamp(max=1.0 + delta)
+    return torch.where(is_first, torch.ones_like(w), w)
+
+
+@pytest.mark.parametrize("reference", ["first", "previous", "running_mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_default_floors_are_bitwise_the_paper(reference: str, dtype: torch.dtype, monkeypatch) -> None:
+    from lightning_opd import weighting
+
+    gen = torch.Generator().manual_seed(7)
+    s = -torch.rand(400, generator=gen, dtype=dtype) * 5
+    t = -torch.rand(400, generator=gen, dtype=dtype) * 5
+    s[::13] = t[::13]  # some steps with d exactly 0
+    steps = torch.randint(-1, 6, (400,), generator=gen)
+    seqs = torch.sort(torch.randint(0, 20, (400,), generator=gen)).values
+    now = batched_step_weights(s, t, steps, seqs, reference=reference)
+    explicit = batched_step_weights(s, t, steps, seqs, reference=reference, min_weight=0.0, min_reference=0.0)
+    monkeypatch.setattr(weighting, "_weights_from_steps",
+                        lambda d, f, st_, de, ep, ref, *_: weights_before_floors(d, f, st_, de, ep, ref))
+    before = batched_step_weights(s, t, steps, seqs, reference=reference)
+    for got in (now, explicit):
+        assert torch.equal(got.weight, before.weight) and torch.equal(got.token_weights, before.token_weights)
+
+
+def test_floors_reach_the_config() -> None:
+    from lightning_opd.config import load
+
+    cfg = load(overrides=["sod.min_weight=0.1", "sod.min_reference=0.05"])
+    assert (cfg.sod.min_weight, cfg.sod.min_reference) == (0.1, 0.05)
+    assert (load().sod.min_weight, load().sod.min_reference) == (0.0, 0.0)
+
+
 @FAST
 @given(st.lists(st.floats(0.0, 5.0), min_size=1, max_size=12), st.floats(0.0, 1.0))
 def test_first_reference_equals_released_running_product(d: list[float], delta: float) -> None:
@@ -96,7 +193,7 @@ def test_first_reference_equals_released_running_product(d: list[float], delta: 
 # ----------------------------------------------------------------------------- divergences
 
 
-def slow_step_weights(s, t, steps, seqs, delta, eps, reference):
+def slow_step_weights(s, t, steps, seqs, delta, eps, reference, min_weight=0.0, min_reference=0.0):
     """Reference: dictionaries and Python loops over tokens, one trajectory at a time."""
     out = [0.0] * len(s)
     for q in sorted(set(seqs)):
@@ -112,7 +209,8 @@ def slow_step_weights(s, t, steps, seqs, delta, eps, reference):
                 w.append(1.0)
                 continue
             ref = {"first": d[0], "previous": d[k - 1], "running_mean": sum(d[:k]) / k}[reference]
-            w.append(min((ref + eps) / (d[k] + eps), 1 + delta))
+            ref = max(ref, min_reference)
+            w.append(max(min((ref + eps) / (d[k] + eps), 1 + delta), min_weight))
         weight = dict(zip(order, w, strict=True))
         for i in range(len(s)):
             if seqs[i] == q and steps[i] >= 0:
@@ -141,6 +239,20 @@ def test_batched_weights_match_slow_reference(batch, reference: str) -> None:
     assert got.shape == (len(s),)
     assert got.tolist() == pytest.approx(slow_step_weights(s, t, steps, seqs, 0.2, EPS, reference),
                                          rel=1e-9, abs=1e-12)
+
+
+@FAST
+@given(packed_batches(), st.sampled_from(["first", "previous", "running_mean"]), st.floats(0.0, 1.2),
+       st.floats(0.0, 3.0))
+def test_batched_weights_with_floors_match_slow_reference(batch, reference: str, min_weight: float,
+                                                          min_reference: float) -> None:
+    s, t, steps, seqs = batch
+    got = batched_sod_weights(torch.tensor(s, dtype=torch.float64), torch.tensor(t, dtype=torch.float64),
+                              torch.tensor(steps, dtype=torch.long), torch.tensor(seqs, dtype=torch.long),
+                              delta=0.2, eps=EPS, reference=reference, min_weight=min_weight,
+                              min_reference=min_reference)
+    expected = slow_step_weights(s, t, steps, seqs, 0.2, EPS, reference, min_weight, min_reference)
+    assert got.tolist() == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
 @FAST

@@ -168,21 +168,19 @@ def _chain(proj: Projection, q: _TeacherRows, t_ids: np.ndarray, prefix: bytes, 
         out[fallback] = out.get(fallback, 0.0) + mass  # the continuation stops here (or is unknown)
         return
     q_j = q(j)
-    ranges = [(proj.prefix_range(suffix), u) for suffix, u in candidates]  # shortest suffix first
-    lo_all = min(lo for (lo, _), _ in ranges)
-    hi_all = max(hi for (_, hi), _ in ranges)
-    assign = np.full(max(hi_all - lo_all, 0), -1, np.int64)
-    for (lo, hi), u in ranges:  # nested or disjoint ranges: a longer suffix overwrites
-        assign[lo - lo_all : hi - lo_all] = u
-    ids = proj.sorted_ids[lo_all:hi_all]
+    ids, assign = proj.candidate_map(prefix)  # teacher ids -> the student-only token they extend to
     probs = q_j[ids] if len(ids) else np.zeros(0)
     probs = np.where(assign >= 0, probs, 0.0)
     extended = prefix + proj.teacher_table[nxt]
     through = extended in proj.extensions  # the realized token keeps a student-only token open
     if through:
         probs = np.where(ids == nxt, 0.0, probs)
-    for u, p in zip(assign[probs > 0], probs[probs > 0], strict=True):
-        out[int(u)] = out.get(int(u), 0.0) + mass * float(p)
+    placed = probs > 0
+    if placed.any():  # one sum per candidate, not one Python step per teacher token
+        candidate, which = np.unique(assign[placed], return_inverse=True)
+        sums = np.bincount(which, weights=probs[placed])
+        for u, p in zip(candidate.tolist(), sums.tolist(), strict=True):
+            out[u] = out.get(u, 0.0) + mass * p
     rest = 1.0 - float(probs.sum()) - (float(q_j[nxt]) if through else 0.0)
     out[fallback] = out.get(fallback, 0.0) + mass * max(rest, 0.0)
     if through:
@@ -205,12 +203,12 @@ def special_row_target(proj: Projection, q: _TeacherRows, t_ids: np.ndarray, k: 
         total = float(q_k.sum())
         if total <= 0.0:
             return True, {-1: 1.0}
-        lengths = np.fromiter((len(proj.teacher_table[v]) for v in ids), np.int64, len(ids))
-        inside = lengths > w  # tokens equal to r: what follows them is not known (residual)
+        inside = proj.teacher_lengths[ids] > w  # tokens equal to r: what follows them is not known (residual)
         lp = np.full(len(ids), -1, np.int64)
         lp[inside] = proj.flat_lp[proj.flat_off[ids[inside]] + w]
         sums = np.bincount(lp + 1, weights=q_k / total, minlength=1)
-        out = {int(u) - 1: float(s) for u, s in enumerate(sums) if s > 0}
+        nonzero = np.flatnonzero(sums)  # a few ids: no Python loop over the vocabulary
+        out = dict(zip((nonzero - 1).tolist(), sums[nonzero].tolist(), strict=True))
         realized = float(q(k)[tv]) / total
     else:
         realized = float(q(k)[tv])
@@ -289,7 +287,7 @@ class BPMAligner(Aligner):
         def target(sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
             q = torch.softmax(zt_all[rows.teacher_pos[sl]].float() / tau, dim=-1)  # (r, V_T)
             out = torch.zeros(q.shape[0], n_student + 1, device=device)  # (r, V_S + residual)
-            out.scatter_add_(1, column.expand(q.shape[0], -1), q)
+            out.index_add_(1, column, q)  # each teacher id's mass onto its student token
             out[replace[sl]] = 0.0
             lo, hi = np.searchsorted(c_row_t.numpy(), [sl.start, sl.stop])
             if hi > lo:  # corrections of rows in this slice (c_row is ascending)

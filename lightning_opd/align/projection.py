@@ -55,6 +55,7 @@ class Projection:
     student_index: dict[bytes, int]  # bytes -> student id (lowest id, V∩ partner preferred)
     max_student_len: int
     teacher_table: list[bytes]
+    teacher_lengths: np.ndarray  # (V_T,) int64, |B(v)|
 
     def longest_prefix(self, data: bytes) -> int:
         """LP(data): the longest student token that is a prefix of `data`, -1 if none."""
@@ -71,6 +72,22 @@ class Projection:
         upper = _byte_successor(prefix)
         hi = len(self.sorted_bytes) if upper is None else bisect_left(self.sorted_bytes, upper)
         return lo, hi
+
+    def candidate_map(self, prefix: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """For a chain at `prefix` (bpm.py): (ids, assign), the teacher ids in the union of the
+        ranges of the candidate suffixes (`extensions[prefix]`) and, for each, the longest
+        student-only token u with B(u) = prefix + a prefix of its bytes (-1: none). Computed
+        once per prefix and kept: chains revisit the same prefixes at every step."""
+        cache = self.__dict__.setdefault("_candidate_maps", {})
+        if prefix not in cache:
+            ranges = [(self.prefix_range(suffix), u) for suffix, u in self.extensions[prefix]]
+            lo_all = min(lo for (lo, _), _ in ranges)
+            hi_all = max(hi for (_, hi), _ in ranges)
+            assign = np.full(max(hi_all - lo_all, 0), -1, np.int64)
+            for (lo, hi), u in ranges:  # shortest suffix first; nested or disjoint: longer overwrites
+                assign[lo - lo_all : hi - lo_all] = u
+            cache[prefix] = (self.sorted_ids[lo_all:hi_all], assign)
+        return cache[prefix]
 
     @property
     def vocab_reached(self) -> float:
@@ -108,7 +125,7 @@ def build_projection(student: TokenBytes, teacher: TokenBytes, student_eos: int 
     flat_ext = np.zeros(int(flat_off[-1]), bool)
     tables = Projection(len(student.table), np.full(len(teacher.table), -1, np.int64), flat_off,
                         flat_lp, flat_ext, [], np.zeros(0, np.int64), extensions, student_index,
-                        max_len, teacher.table)  # fmt: skip
+                        max_len, teacher.table, teacher.lengths)  # fmt: skip
     for v, b in enumerate(teacher.table):
         at = int(flat_off[v])
         for w in range(len(b)):

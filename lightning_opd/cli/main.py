@@ -2,6 +2,7 @@
 
     lightning-opd train configs/experiment/default.yaml trainer.max_steps=20 aligner.name=exact
     lightning-opd config configs/experiment/default.yaml      # print the resolved config
+    lightning-opd plan configs/experiment/simct_qwen7b_gemma2b.yaml --gpu-memory 80   # memory per device
 
 Config problems (unknown key, wrong type, bad value) exit with code 2 and a one-line message;
 Ctrl-C exits with 130 (128 + SIGINT, as shells report it), after `train` saved the last finished
@@ -90,6 +91,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
                "table.md and curves.png from run directories"),
     "bench": (*_in_module("bench", "run_bench_command", "add_bench_arguments"),
               "time alignment, rows, loss and one training step (docs/performance.md)"),
+    "plan": (*_in_module("plan", "run_plan", "add_plan_arguments"),
+             "per-device memory estimate of a run: CONFIG.yaml... [key=value...] [--gpu-memory GiB]"),
 }  # fmt: skip
 
 

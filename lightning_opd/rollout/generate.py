@@ -124,7 +124,8 @@ def response_logits(
     mask = torch.cat([p_mask, r_mask], 1).to(device)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     # positions P-1 .. P+R-2 predict the response tokens: the last R+1 columns minus the final one
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=width + 1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=width + 1,
+                use_cache=False)  # scoring needs no KV cache; with one, a layer recomputed by activation checkpointing appends to it twice and backward fails
     logits = out.logits[:, :-1]  # (B, R, V)
     keep = r_mask.bool().to(device)
     lengths = torch.tensor([len(r) for r in responses], dtype=torch.long)

@@ -41,6 +41,15 @@ all response tokens (model + observation + EOS). A response stops at EOS, when i
 The KV cache is carried across turns (`_TurnGrid`): a turn feeds only the observation and the
 last sampled token, not the whole prompt and response again (the re-feed cost 11-27% of a
 multi-turn rollout on CPU, docs/performance.md). `tools.reuse_cache=false` re-feeds every turn.
+
+Sharded models (`synced_gpus`, FSDP with more than one rank): every forward pass is a collective,
+so every rank must run the same number of forwards, though each rank's responses need their own
+number of turns. Each turn therefore starts with an all-reduce (MAX) of "this rank still has an
+active response"; while any rank has one, a rank whose responses have all finished runs the same
+`generate` call on a dummy one-token batch and discards it (`_idle_turn`), and every call passes
+`synced_gpus=True`, so that within a turn ranks that stop early keep stepping until all have.
+Without `synced_gpus` (one process, or DDP, whose rollouts use the unwrapped model) there is no
+collective and the loop is exactly the single-process one.
 """
 
 from __future__ import annotations
@@ -345,14 +354,14 @@ class _TurnGrid:
         self.ids, self.mask, self.pad_id, self.cache = ids.to(device), mask.to(device), pad_id, None
 
     def generate(self, model, stop: StoppingCriteria, max_new: int, sampling: dict[str, Any],
-                 eos_id: int, reuse_cache: bool) -> torch.Tensor:
+                 eos_id: int, reuse_cache: bool, synced_gpus: bool = False) -> torch.Tensor:
         """One turn for every row of the grid; returns the new columns (B, n)."""
         width = self.ids.shape[1]
         out = model.generate(
             input_ids=self.ids, attention_mask=self.mask, cache=self.cache if reuse_cache else None,
             max_new_tokens=max_new, eos_token_id=eos_id, pad_token_id=self.pad_id, use_cache=True,
             stopping_criteria=StoppingCriteriaList([stop]), return_dict_in_generate=True,
-            **sampling,
+            **sampling, **_synced(synced_gpus),
         )
         sequences = getattr(out, "sequences", out)  # (B, width + n)
         self.cache = getattr(out, "cache", None) if reuse_cache else None
@@ -375,15 +384,44 @@ class _TurnGrid:
         self.mask = torch.cat([self.mask, block_mask.to(self.mask.device)], 1)
 
 
+def _synced(synced_gpus: bool) -> dict[str, bool]:
+    """generate()'s `synced_gpus` argument, passed only when set: without it the call is exactly
+    the single-process one (HF's own default is off for models sharded by `fully_shard`)."""
+    return {"synced_gpus": True} if synced_gpus else {}
+
+
+def _any_rank_active(active: bool, synced_gpus: bool, device: torch.device) -> bool:
+    """Whether another turn is needed: this rank's `active` alone, or, with `synced_gpus`, whether
+    any rank still has an active response (all-reduce MAX; every rank calls it once per turn,
+    so all ranks take the same number of turns and leave the loop together)."""
+    if not synced_gpus:
+        return active
+    flag = torch.tensor([int(active)], dtype=torch.long, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _idle_turn(model, eos_id: int, pad_id: int, device: torch.device) -> None:
+    """A rank whose responses have all finished, while another rank's have not, joins that rank's
+    turn: the same `generate` call (synced, so it keeps stepping as long as any rank does) on a
+    one-token batch, greedy so that it draws nothing from the RNG; the output is discarded."""
+    ids = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, eos_token_id=eos_id,
+                   pad_token_id=pad_id, use_cache=True, do_sample=False, synced_gpus=True)
+
+
 @torch.no_grad()
 def generate_with_tools(
     model: torch.nn.Module, tokenizer, prompt_ids: list[list[int]], rollout_cfg: RolloutConfig,
-    tools_cfg: ToolsConfig, *, eos_id: int, pad_id: int, greedy: bool = False,
+    tools_cfg: ToolsConfig, *, eos_id: int, pad_id: int, greedy: bool = False, synced_gpus: bool = False,
 ) -> Rollout:
     """Sample responses that may call the interpreter (see the module docstring).
 
     Each prompt is answered `samples_per_prompt` times (greedy: once). Returns a Rollout
     with loss_mask, step_ids, tool_calls and tool_successes filled, aligned with response_ids.
+    synced_gpus: the model is sharded over ranks (FSDP): every rank must call this the same
+    number of times, and the ranks take the same number of turns (module docstring); needs an
+    initialised torch.distributed process group.
     """
     fmt, budget = tools_cfg.format, rollout_cfg.max_new_tokens
     _check_format(fmt)
@@ -399,13 +437,18 @@ def generate_with_tools(
     active = [i for i in range(n_responses) if budget > 0]
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
-        grid = _TurnGrid([prompts[i] for i in active], pad_id, next(model.parameters()).device) if active else None
-        while active:
+        grid = _TurnGrid([prompts[i] for i in active], pad_id, device) if active else None
+        while _any_rank_active(bool(active), synced_gpus, device):
+            if not active:  # this rank is done, another is not: join its forward passes (FSDP)
+                _idle_turn(model, eos_id, pad_id, device)
+                continue
             room = [budget - len(resp[i]) for i in active]  # tokens each response may still add
             width = grid.ids.shape[1]
             stop = ToolCallStop(tokenizer, fmt, width, room)
-            new_columns = grid.generate(model, stop, max(room), sampling, eos_id, tools_cfg.reuse_cache)
+            new_columns = grid.generate(model, stop, max(room), sampling, eos_id, tools_cfg.reuse_cache,
+                                        synced_gpus)
             pending: list[tuple[int, int, ToolCall]] = []  # (grid row, response, call)
             for j, i in enumerate(active):
                 new = new_columns[j].tolist()
@@ -468,5 +511,6 @@ def sample_responses(model, tokenizer, prompt_ids: list[list[int]], rollout_cfg:
         return vllm_sample(model, tokenizer, prompt_ids, rollout_cfg, tools_cfg, greedy=greedy)
     ids = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
     if tools_cfg is not None and tools_cfg.enabled:
-        return generate_with_tools(model, tokenizer, prompt_ids, rollout_cfg, tools_cfg, greedy=greedy, **ids)
+        return generate_with_tools(model, tokenizer, prompt_ids, rollout_cfg, tools_cfg, greedy=greedy,
+                                   synced_gpus=synced_gpus, **ids)
     return generate(model, prompt_ids, rollout_cfg, greedy=greedy, synced_gpus=synced_gpus, **ids)
