@@ -14,6 +14,7 @@ or the command line sets them, its `tokenizer.source` becomes `model` and its `s
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,9 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+# defined in errors.py (no heavy imports) and imported from here by most callers
+from lightning_opd.errors import CheckpointError, ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
@@ -257,10 +261,6 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-class ConfigError(ValueError):
-    """A config problem, with the key and the place it came from in the message."""
-
-
 def _merge(cfg: DictConfig, other: DictConfig, origin: str) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, other)  # type: ignore[return-value]
@@ -395,7 +395,7 @@ def _validate_aligner(aligner: AlignerConfig) -> None:
         raise ConfigError(f"aligner.alm_temperature must be > 0, got {aligner.alm_temperature}")
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     """Whether `path` names a local folder rather than a hub id (`org/name` or `name`): it starts
     with `/`, `./` or `../`, or its parent folder exists here. Nothing is looked up online."""
     if path.startswith(("/", "./", "../")):
@@ -415,7 +415,7 @@ def _validate_paths(cfg: Config) -> None:
                 f"{role}.path={model.path!r}: GGUF files are not supported yet; give a Hugging Face model "
                 "folder (config.json, weights, tokenizer files) or a hub id"
             )
-        if _looks_local(model.path) and not Path(model.path).exists():
+        if looks_local(model.path) and not Path(model.path).exists():
             raise ConfigError(
                 f"{role}.path={model.path!r}: no such local folder; give an existing model folder "
                 "(as written by save_pretrained) or a hub id such as Qwen/Qwen3-0.6B"
@@ -430,11 +430,43 @@ def _validate_paths(cfg: Config) -> None:
             )
     resume = cfg.run.resume_from
     if resume and "://" not in resume and resume not in LIGHTNING_CKPT_NAMES and not resume.startswith("registry:"):
-        if not Path(resume).exists():  # a file, or a folder (FSDP's sharded checkpoints)
-            raise ConfigError(
-                f"run.resume_from={resume!r}: no such checkpoint; give an existing .ckpt "
+        problem = checkpoint_problem(resume)
+        if problem:
+            raise CheckpointError(
+                f"run.resume_from={resume!r}: {problem}; give an existing .ckpt "
                 "(a run's checkpoints/last.ckpt) or drop run.resume_from to start afresh"
             )
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be a checkpoint to resume from, or None when it looks readable.
+
+    Structural checks only, no unpickling (a checkpoint may hold gigabytes): the path exists; a
+    folder (FSDP's sharded checkpoints) is taken as it is; a file must be a complete zip archive
+    with a `data.pkl` (what `torch.save`, and so Lightning, writes) or start like a legacy pickle.
+    A copy cut short, an empty file or some other file then stops here, naming the key, instead
+    of inside `trainer.fit` after minutes of preparation ("PytorchStreamReader failed reading zip
+    archive")."""
+    path = Path(path)
+    if not path.exists():
+        return "no such checkpoint"
+    if path.is_dir():
+        return None
+    if path.stat().st_size == 0:
+        return "the file is empty (a save cut short?)"
+    if zipfile.is_zipfile(path):  # finds the archive's end record: a truncated file has none
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as err:
+            return f"not a readable checkpoint ({err})"
+        if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+            return "a zip archive, but not a checkpoint written by torch.save (no data.pkl)"
+        return None
+    with path.open("rb") as f:
+        if f.read(1) == b"\x80":  # a legacy (pre-zip) torch.save file is a pickle stream
+            return None
+    return "not a readable checkpoint (truncated, or not written by torch.save)"
 
 
 def _validate_tools(cfg: Config) -> None:

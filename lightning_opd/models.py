@@ -14,15 +14,21 @@ that the default also exercises per-model rendering.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterable
+import socket
+import threading
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from lightning_opd.config import ModelConfig, TinyModelConfig, TokenizerConfig
+from lightning_opd.config import ModelConfig, TinyModelConfig, TokenizerConfig, looks_local
 from lightning_opd.errors import ModelLoadError
 
 FALLBACK_TEMPLATE = "User: {prompt}\nAssistant: "
@@ -68,9 +74,12 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, *, teacher: bool
     return fast
 
 
-def load_tokenizer(cfg: TokenizerConfig, model_path: str | None = None) -> PreTrainedTokenizerFast:
+def load_tokenizer(
+    cfg: TokenizerConfig, model_path: str | None = None, *, setting: str | None = None
+) -> PreTrainedTokenizerFast:
     """From a fixture, a tokenizer.json, a directory or a hub id (cfg.source == 'train' is
-    handled by the caller, which has the task text)."""
+    handled by the caller, which has the task text). `setting` names the config key the source
+    came from (`student.tokenizer.source`, `student.path`), for the error messages."""
     source = cfg.source
     if source == "model":
         source = model_path or ""
@@ -78,24 +87,31 @@ def load_tokenizer(cfg: TokenizerConfig, model_path: str | None = None) -> PreTr
         from lightning_opd.fixtures import load_fixture_tokenizer
 
         tok = load_fixture_tokenizer(source.removeprefix("fixture:"))
-    elif source.endswith(".json") and Path(source).is_file():
-        beside = Path(source).parent / "tokenizer_config.json"  # special tokens live there
-        tok = (PreTrainedTokenizerFast.from_pretrained(Path(source).parent) if beside.is_file()
-               else PreTrainedTokenizerFast(tokenizer_file=source))  # fmt: skip
+    elif source.endswith(".json"):
+        tok = _tokenizer_file(source, setting)
     else:
-        try:
-            tok = AutoTokenizer.from_pretrained(source)
-        except Exception as err:
-            raise ModelLoadError(
-                f"tokenizer '{source}': not a tokenizer.json file, a tokenizer directory, a fixture:NAME, "
-                f"or a hub id available {'offline in the HF cache' if _offline() else 'on the hub'} ({err.__class__.__name__})"
-            ) from None
+        what = "tokenizer of model" if cfg.source == "model" else "tokenizer"  # the user gave a model
+        tok = from_pretrained(AutoTokenizer.from_pretrained, source, what, setting, TOKENIZER_FILES)
     if cfg.chat_template:
         tok.chat_template = cfg.chat_template
     set_eos(tok, cfg)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _tokenizer_file(source: str, setting: str | None) -> PreTrainedTokenizerFast:
+    """A tokenizer.json file (with tokenizer_config.json beside it, if there is one)."""
+    path = Path(source).expanduser()
+    named = _named("tokenizer", source, setting)
+    if not path.is_file():
+        raise ModelLoadError(f"{named}: no such file; give a tokenizer.json, a tokenizer folder, a hub id or fixture:NAME")
+    beside = path.parent / "tokenizer_config.json"  # special tokens live there
+    try:
+        return (PreTrainedTokenizerFast.from_pretrained(path.parent) if beside.is_file()
+                else PreTrainedTokenizerFast(tokenizer_file=str(path)))  # fmt: skip
+    except Exception as err:  # not JSON, or JSON that is not a tokenizer
+        raise ModelLoadError(f"{named}: not a readable tokenizer file ({_first_line(err)})") from None
 
 
 # End-of-text tokens, most preferred first: a bare tokenizer.json names no EOS, so the first of
@@ -127,8 +143,120 @@ def set_eos(tok: PreTrainedTokenizerFast, cfg: TokenizerConfig) -> None:
     tok.eos_token = found
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+# --- local folders and hub ids ----------------------------------------------------------------
+
+# what a folder must hold (any one of each group; globs) before it is handed to transformers,
+# whose own errors for a wrong folder name neither the folder's problem nor the fix
+MODEL_FILES = {
+    "config.json": ("config.json",),
+    "weights (*.safetensors or pytorch_model*.bin)": (
+        "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
+    ),
+}  # fmt: skip
+TOKENIZER_FILES = {
+    "tokenizer files (tokenizer.json, tokenizer_config.json, tokenizer.model, vocab.json, ...)": (
+        "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+        "*.tiktoken",
+    ),
+}  # fmt: skip
+HUB_CHECK_TIMEOUT_S = 3.0  # a reachable hub answers a TCP connect well within this
+_TRUE = ("1", "ON", "YES", "TRUE")  # how huggingface_hub reads its boolean environment variables
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{err.__class__.__name__}: {text[0][:200]}" if text else err.__class__.__name__
+
+
+def _named(what: str, source: str, setting: str | None) -> str:
+    return f"{what} '{source}'" + (f" ({setting})" if setting else "")
+
+
+def _looks_like_path(source: str) -> bool:
+    """A local path rather than a hub id (`org/name`): see `config.looks_local`; `~` too."""
+    return source.startswith("~") or looks_local(source)
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be used now, or None when it can.
+
+    Offline mode (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set, as huggingface_hub reads them) is
+    taken at its word. Otherwise one TCP connection to the hub's host (HF_ENDPOINT, or the proxy
+    that https requests would go through) is tried, for at most `HUB_CHECK_TIMEOUT_S`: without
+    it, an unreachable hub costs tens of seconds of retries per file before transformers gives
+    up (about 50 s for one tokenizer here). The connection's answer is kept for the process."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "").upper() in _TRUE:
+            return f"{name} is set"
+    return _hub_connection()
+
+
+@functools.cache
+def _hub_connection() -> str | None:
+    from huggingface_hub import constants
+
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    proxy = urllib.request.getproxies().get(endpoint.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(host):  # the request would go to the proxy
+        proxied = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxied.hostname or host, proxied.port or 80
+    outcome: list[str | None] = []
+
+    def connect() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            with socket.create_connection((host, port), timeout=HUB_CHECK_TIMEOUT_S):
+                outcome.append(None)
+        except OSError as err:
+            outcome.append(f"{host}:{port} cannot be reached: {err.strerror or err}")
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(HUB_CHECK_TIMEOUT_S)
+    return outcome[0] if outcome else f"{host}:{port} did not answer within {HUB_CHECK_TIMEOUT_S:g} s"
+
+
+def from_pretrained(
+    load: Callable[..., Any], source: str, what: str, setting: str | None, needs: dict[str, tuple[str, ...]]
+) -> Any:
+    """`load(source)` (an `Auto*.from_pretrained`) for a local folder or a hub id, with
+    `ModelLoadError`s of one line that name the source, the config key and the fix.
+
+    A folder must hold one file of each group in `needs`. A hub id is looked up in the local
+    HF cache only (`local_files_only`) when the hub cannot be reached (`hub_unreachable`), so an
+    id that was never downloaded fails in a second or so rather than after retries."""
+    named = _named(what, source, setting)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        missing = [group for group, patterns in needs.items()
+                   if not any(next(local.glob(pattern), None) for pattern in patterns)]  # fmt: skip
+        if missing:
+            raise ModelLoadError(
+                f"{named}: the folder has no {' and no '.join(missing)}; give a folder written by "
+                f"save_pretrained (model.save_pretrained(dir) and tokenizer.save_pretrained(dir))"
+            )
+        try:
+            return load(str(local))
+        except Exception as err:
+            raise ModelLoadError(f"{named}: the folder cannot be loaded ({_first_line(err)})") from None
+    if local.exists():
+        raise ModelLoadError(f"{named}: a file, not a folder; give the folder that holds it (and its config.json)")
+    if _looks_like_path(source):
+        raise ModelLoadError(f"{named}: no such folder; give an existing folder written by save_pretrained, or a hub id")
+    unreachable = hub_unreachable()
+    try:
+        return load(source, local_files_only=True) if unreachable else load(source)
+    except Exception as err:
+        if unreachable:
+            raise ModelLoadError(
+                f"{named}: not a local folder, and not in the local Hugging Face cache while the hub cannot "
+                f"be reached ({unreachable}); download it where there is network (huggingface-cli download "
+                f"{source}), or save it to a folder with save_pretrained and give that folder's path"
+            ) from None
+        raise ModelLoadError(
+            f"{named}: not a local folder, and the hub could not give it ({_first_line(err)}); check the id, "
+            "or give a folder written by save_pretrained"
+        ) from None
 
 
 def render_prompt(tokenizer, prompt: str) -> str:
@@ -170,16 +298,11 @@ def tiny_model(cfg: TinyModelConfig, tokenizer, seed: int = 0) -> torch.nn.Modul
     return model_cls(config)
 
 
-def load_model(cfg: ModelConfig) -> torch.nn.Module:
-    """A pretrained causal LM from a local path or a hub id."""
-    try:
-        return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype])
-    except Exception as err:
-        raise ModelLoadError(
-            f"model '{cfg.path}': no such local directory, and not a hub id available "
-            f"{'offline in the HF cache' if _offline() else 'on the hub'} ({err.__class__.__name__}: "
-            f"{str(err).splitlines()[0][:200]})"
-        ) from None
+def load_model(cfg: ModelConfig, *, setting: str | None = None) -> torch.nn.Module:
+    """A pretrained causal LM from a local folder or a hub id; `setting` names the config key it
+    came from (`student.path`), for the error messages."""
+    load = functools.partial(AutoModelForCausalLM.from_pretrained, dtype=DTYPES[cfg.dtype])
+    return from_pretrained(load, cfg.path or "", "model", setting, MODEL_FILES)
 
 
 def load_saved_tokenizer(directory: Path) -> PreTrainedTokenizerFast:

@@ -58,7 +58,8 @@ def _task_key(cfg: Config) -> dict:
 def _tokenizer(cfg: Config, role: str, task, cache: Path) -> tuple[object, str]:
     mcfg: ModelConfig = getattr(cfg, role)
     if mcfg.tokenizer.source != "train":
-        tok = load_tokenizer(mcfg.tokenizer, mcfg.path)
+        key = f"{role}.path" if mcfg.tokenizer.source == "model" else f"{role}.tokenizer.source"
+        tok = load_tokenizer(mcfg.tokenizer, mcfg.path, setting=key)
         return tok, _digest(role, OmegaConf.to_container(mcfg.tokenizer))
     key = _digest(CACHE_VERSION, role, OmegaConf.to_container(mcfg.tokenizer), _task_key(cfg))
     directory = cache / f"tokenizer-{role}-{key}"
@@ -75,7 +76,7 @@ def _tokenizer(cfg: Config, role: str, task, cache: Path) -> tuple[object, str]:
 def _model(cfg: Config, role: str, tokenizer, tok_key: str, task, cache: Path, info: dict):
     mcfg: ModelConfig = getattr(cfg, role)
     if mcfg.path and mcfg.sft.steps == 0:
-        return load_model(mcfg)
+        return load_model(mcfg, setting=f"{role}.path")
     section = OmegaConf.to_container(mcfg, resolve=True)
     key = _digest(CACHE_VERSION, role, section, tok_key, _task_key(cfg), cfg.rollout.max_new_tokens)
     directory = cache / f"{role}-{key}"
@@ -86,7 +87,7 @@ def _model(cfg: Config, role: str, tokenizer, tok_key: str, task, cache: Path, i
         info.update({f"{role}_{k}": v for k, v in json.loads(meta_path.read_text()).items()})
         return model
     info[f"{role}_cache"] = "miss"
-    model = load_model(mcfg) if mcfg.path else tiny_model(mcfg.tiny, tokenizer, seed=mcfg.sft.seed)
+    model = load_model(mcfg, setting=f"{role}.path") if mcfg.path else tiny_model(mcfg.tiny, tokenizer, seed=mcfg.sft.seed)
     meta: dict = {"parameters": sum(p.numel() for p in model.parameters())}
     if mcfg.sft.steps > 0:
         print(f"[prepare] SFT of the {role} for {mcfg.sft.steps} steps (cached in {directory})", flush=True)
@@ -103,6 +104,17 @@ def _model(cfg: Config, role: str, tokenizer, tok_key: str, task, cache: Path, i
     meta_path.write_text(json.dumps(meta, indent=2))
     info.update({f"{role}_{k}": v for k, v in meta.items()})
     return model
+
+
+def prepared_tokenizer(cfg: Config, role: str, task) -> object:
+    """The tokenizer `prepare` gives `role` ("student" | "teacher"): loaded, or from the cache,
+    or trained on the task's text as `prepare` would (when the cache has none). For rebuilding
+    a run's model from its checkpoint without preparing the models."""
+    cache = Path(cfg.run.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    tok, _ = _tokenizer(cfg, role, task, cache)
+    tok.padding_side = "left"  # as prepare() sets it
+    return tok
 
 
 def prepare(cfg: Config, task) -> Prepared:

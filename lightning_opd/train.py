@@ -2,7 +2,8 @@
 
 prepare (tokenizers, teacher SFT, student warm start; cached) -> OPDModule -> Lightning
 Trainer.fit -> summary.json. The run directory holds the resolved config (`config.yaml`),
-the logged metrics (`metrics.csv`), checkpoints and `summary.json`.
+the logged metrics (`metrics.csv`), checkpoints, `summary.json`, and the distilled student as a
+plain Hugging Face folder (`student/`, export.py) that loads without this package.
 
 Ctrl-C during training saves `checkpoints/last.ckpt` as of the last finished step
 (`SaveOnInterrupt`), prints one line saying how to resume, and raises `TrainingInterrupted`
@@ -26,6 +27,7 @@ from lightning_opd.config import Config, ConfigError, save
 from lightning_opd.data import PromptDataModule
 from lightning_opd.errors import TrainingInterrupted
 from lightning_opd.evaluation import evaluate_accuracy
+from lightning_opd.export import save_student
 from lightning_opd.module import OPDModule, rng_state, set_rng_state
 from lightning_opd.prepare import prepare
 from lightning_opd.rollout.sandbox import refusal as sandbox_refusal
@@ -226,6 +228,9 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     train_seconds = time.time() - train_start
     if earlier_metrics and trainer.is_global_zero:
         _merge_metrics(run_dir, earlier_metrics)
+    # the model to take away: a plain HF folder (every rank calls it: FSDP gathers the shards)
+    student_dir = save_student(module.student, module.student_tokenizer, cfg, run_dir / "student",
+                               is_global_zero=trainer.is_global_zero)  # fmt: skip
     history = module.accuracy_history
     metrics = _read_metrics(run_dir)
     summary = {
@@ -245,6 +250,7 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
         "skipped_prompts": module.skipped_prompts,
         "accuracy_history": history,
         "run_dir": str(run_dir),
+        "student_dir": str(student_dir),  # AutoModelForCausalLM / AutoTokenizer.from_pretrained(it)
         "global_rank": int(trainer.global_rank),
         "world_size": int(trainer.world_size),
         **{f"prepare/{k}": v for k, v in prepared.info.items()},

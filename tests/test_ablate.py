@@ -11,9 +11,18 @@ import pytest
 from omegaconf import OmegaConf
 
 from lightning_opd.cli import main
-from lightning_opd.cli.ablate import ABLATION_DIR, ablate, is_baseline, parse_seeds, plan
+from lightning_opd.cli.ablate import (
+    ABLATION_DIR,
+    ablate,
+    is_baseline,
+    overrides_hash,
+    overrides_key,
+    parse_seeds,
+    plan,
+    run_config,
+)
 from lightning_opd.cli.report import find_runs, markdown_table, mean_curve, mean_sd, summarise
-from lightning_opd.config import ConfigError, load
+from lightning_opd.config import ConfigError, load, save
 from tests.test_train import ROOT, TINY
 
 EXPERIMENTS = ROOT / "configs" / "experiment"
@@ -100,12 +109,15 @@ def test_ablation_end_to_end_writes_a_table_that_matches_the_runs(tmp_path, two_
     overrides = [*TINY, f"run.cache_dir={tmp_path / 'cache'}"]
     result = ablate(EXPERIMENTS / "default.yaml", "pair", [0], out, overrides, ablation_dir=two_overlays, log=log.append)
     assert result["finished"] == 2 and result["failed"] == 0 and result["skipped"] == 0
-    root = out / "default" / "pair"
+    root = out / "default" / f"pair+{overrides_hash(overrides)}"  # the tiny sizes are overrides
+    assert result["dir"] == str(root)
     for variant in ("exact", "simct"):
         summary = json.loads((root / variant / "seed0" / "summary.json").read_text())
         assert summary["aligner"] == variant and summary["steps"] == 2
         ablation = json.loads((root / variant / "seed0" / "ablation.json").read_text())
         assert ablation["variant"] == variant and ablation["baseline"] == (variant == "simct")
+        # run.cache_dir and the progress bar change nothing trained: not counted
+        assert ablation["overrides"] == sorted(x for x in TINY if not x.startswith("trainer.progress_bar"))
     assert any(line.startswith("[2/2] pair=simct seed=0") for line in log)
     assert any("left" in line for line in log if line.startswith("[2/2]"))  # a time estimate
 
@@ -228,3 +240,128 @@ def test_plan_only_runs_the_named_variants_in_that_order(tmp_path):
     assert [(r.variant, r.seed) for r in runs] == [("uld", 0), ("uld", 1), ("exact", 0), ("exact", 1)]
     with pytest.raises(ConfigError, match="no overlays \\['nope'\\]"):
         plan(EXPERIMENTS / "default.yaml", "aligner", [0], tmp_path, only=["nope"])
+
+
+# --- overrides get a directory of their own; report rows by models --------------------------------
+
+
+def test_overrides_give_the_ablation_a_directory_of_its_own(tmp_path):
+    default = EXPERIMENTS / "default.yaml"
+
+    def root(*overrides: str) -> Path:
+        _, runs = plan(default, "aligner", [0], tmp_path, only=["exact"], overrides=list(overrides))
+        return runs[0].run_dir.parent.parent
+
+    assert root() == tmp_path / "default" / "aligner"  # no overrides: the path as before
+    lr = root("optim.lr=1e-3")
+    assert lr.parent == tmp_path / "default" and lr.name == f"aligner+{overrides_hash(['optim.lr=1e-3'])}"
+    assert len(lr.name) == len("aligner+") + 8
+    assert root("optim.lr=1e-3", "loss.beta=0.1") == root("loss.beta=0.1", "optim.lr=1e-3")  # order
+    assert root("optim.lr=1e-2", "optim.lr=1e-3") == lr  # the last value of a key wins, as in load
+    assert root("optim.lr=1e-3", "run.cache_dir=/elsewhere", "trainer.progress_bar=false") == lr  # neutral keys
+    assert root("trainer.progress_bar=false") == root()
+    assert root("optim.lr=3e-3") != lr and root("student.path=Org/model") != lr
+    assert overrides_key(["b=2", "a=1", "b=3", "data.seed=4"]) == ["a=1", "b=3"]
+
+
+def fake_train(calls: list[Path]):
+    """A stand-in for `train`: writes what a finished run leaves (config.yaml, summary.json)."""
+
+    def train(cfg) -> dict:
+        run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save(cfg, run_dir / "config.yaml")
+        summary = {"experiment": cfg.experiment, "aligner": cfg.aligner.name, "student_accuracy_before": 0.0,
+                   "student_accuracy_after": cfg.student.tiny.hidden_size / 100, "coverage": 1.0,
+                   "final_loss": 0.1, "steps": 1, "train_seconds": 1.0}  # fmt: skip
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+        calls.append(run_dir)
+        return summary
+
+    return train
+
+
+def test_ablate_again_with_other_overrides_runs_again_and_the_report_tells_them_apart(
+    tmp_path, two_overlays, monkeypatch
+):
+    calls: list[Path] = []
+    monkeypatch.setattr("lightning_opd.train.train", fake_train(calls))
+    out, experiment = tmp_path / "results", EXPERIMENTS / "default.yaml"
+    small, large = ["student.tiny.hidden_size=32"], ["student.tiny.hidden_size=48"]
+    first = ablate(experiment, "pair", [0], out, small, ablation_dir=two_overlays, log=lambda _: None)
+    assert (first["finished"], first["skipped"], len(calls)) == (2, 0, 2)
+    again = ablate(experiment, "pair", [0], out, small, ablation_dir=two_overlays, log=lambda _: None)
+    assert (again["skipped"], len(calls)) == (2, 2)  # the same overrides: finished, skipped
+    other = ablate(experiment, "pair", [0], out, large, ablation_dir=two_overlays, log=lambda _: None)
+    assert (other["finished"], other["skipped"], len(calls)) == (2, 0, 4)  # other overrides: run, not "finished"
+    assert other["dir"] != first["dir"]
+    recorded = json.loads((Path(other["dir"]) / "exact" / "seed0" / "ablation.json").read_text())
+    assert recorded["overrides"] == large and recorded["overrides_hash"] == overrides_hash(large)
+    # each knob directory's own table holds its own runs only, with plain labels; its title
+    # says which overrides made them
+    own = (Path(first["dir"]) / "table.md").read_text().splitlines()
+    assert own[0] == "# default: pair (student.tiny.hidden_size=32)"
+    assert [line.split("|")[1].strip() for line in own if line.startswith("| `")] == ["`exact`", "`simct` (baseline)"]
+
+    # a report over both: one row per variant and model, labelled with what tells them apart
+    table = markdown_table(summarise(find_runs([out / "default"])))
+    labels = sorted(line.split("|")[1].strip() for line in table.splitlines()[2:])
+    assert labels == ["`exact` [student.tiny.hidden_size=32]", "`exact` [student.tiny.hidden_size=48]",
+                      "`simct` (baseline) [student.tiny.hidden_size=32]",
+                      "`simct` (baseline) [student.tiny.hidden_size=48]"]  # fmt: skip
+
+
+def write_run(directory: Path, variant: str, seed: int, after: float, *overrides: str) -> None:
+    directory.mkdir(parents=True)
+    save(load(overrides=[*overrides, f"trainer.seed={seed}"]), directory / "config.yaml")
+    (directory / "ablation.json").write_text(json.dumps({"knob": "k", "variant": variant, "seed": seed}))
+    (directory / "summary.json").write_text(json.dumps({"student_accuracy_before": 0.0, "student_accuracy_after": after}))
+
+
+def test_report_groups_a_variant_by_its_models(tmp_path):
+    write_run(tmp_path / "a" / "exact" / "seed0", "exact", 0, 0.2, "student.path=Org/small", "teacher.path=Org/big")
+    write_run(tmp_path / "a" / "exact" / "seed1", "exact", 1, 0.4, "student.path=Org/small", "teacher.path=Org/big")
+    write_run(tmp_path / "b" / "exact" / "seed0", "exact", 0, 0.9, "student.path=Org/other", "teacher.path=Org/big")
+    write_run(tmp_path / "a" / "simct" / "seed0", "simct", 0, 0.5, "student.path=Org/small", "teacher.path=Org/big")
+    rows = {s.label: s for s in summarise(find_runs([tmp_path]))}
+    assert set(rows) == {"exact [student.path=Org/small]", "exact [student.path=Org/other]",
+                         "simct [student.path=Org/small]"}  # fmt: skip
+    assert rows["exact [student.path=Org/small]"].seeds == [0, 1]
+    assert rows["exact [student.path=Org/small]"].after == [0.2, 0.4]  # never merged with Org/other's 0.9
+    assert rows["exact [student.path=Org/other]"].after == [0.9]
+    # the same models: one row per variant, labels as before
+    same = find_runs([tmp_path / "a"])
+    assert [s.label for s in summarise(same)] == ["exact", "simct"]
+
+
+def test_report_tells_tokenizer_settings_apart(tmp_path):
+    write_run(tmp_path / "x" / "seed0", "bpm", 0, 0.5)
+    write_run(tmp_path / "y" / "seed0", "bpm", 0, 0.1, "student.tokenizer.digits=split")
+    assert sorted(s.label for s in summarise(find_runs([tmp_path]))) == [
+        "bpm [student.tokenizer.digits=merge]", "bpm [student.tokenizer.digits=split]"]
+
+
+def test_a_checkpoint_cut_short_is_not_resumed_from(tmp_path):
+    import torch
+
+    _, (run,) = plan(EXPERIMENTS / "default.yaml", "aligner", [0], tmp_path, only=["exact"])
+    last = run.run_dir / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"PK\x03\x04 cut short")
+    assert run_config(EXPERIMENTS / "default.yaml", run, "aligner", []).run.resume_from is None
+    torch.save({"global_step": 1}, last)
+    assert run_config(EXPERIMENTS / "default.yaml", run, "aligner", []).run.resume_from == str(last)
+
+
+def test_report_does_not_split_on_a_setting_older_runs_lack_but_on_a_missing_config(tmp_path):
+    write_run(tmp_path / "new" / "seed0", "bpm", 0, 0.5)
+    write_run(tmp_path / "old" / "seed1", "bpm", 1, 0.3)
+    old = OmegaConf.load(tmp_path / "old" / "seed1" / "config.yaml")
+    del old.student.tokenizer["eos"]  # written before tokenizer.eos existed: the same models
+    OmegaConf.save(old, tmp_path / "old" / "seed1" / "config.yaml")
+    (summary,) = summarise(find_runs([tmp_path]))
+    assert (summary.label, summary.seeds) == ("bpm", [0, 1])
+    write_run(tmp_path / "bare" / "seed2", "bpm", 2, 0.9)
+    (tmp_path / "bare" / "seed2" / "config.yaml").unlink()
+    labels = {s.label: s.seeds for s in summarise(find_runs([tmp_path]))}
+    assert labels == {"bpm": [0, 1], "bpm [models unknown (no config.yaml)]": [2]}

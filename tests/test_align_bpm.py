@@ -343,3 +343,23 @@ def test_property_matches_reference_and_conserves_mass(text, merges, student_sid
     torch.testing.assert_close(reached.double(), ref[:, :-1].sum(-1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pi.sum(-1), torch.ones(len(rows)), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ref.sum(-1), torch.ones(len(rows), dtype=torch.float64))
+
+
+def test_a_finished_step_is_not_kept_alive_by_the_memo(teacher_merges):
+    """The memo shared by the loss and teacher_mass holds weak references: once a step's batch
+    is gone, its logits are freed (they are the largest tensors of a step)."""
+    import gc
+    import weakref
+
+    aligned, batch = scored(teacher_merges, TEXTS)
+    aligner = build_aligner("bpm")
+    rows = aligner.build_rows(aligned.segments, batch)
+    loss = aligner.row_losses(rows, batch, LossConfig())
+    first = aligner.target_of(rows, batch, 1.0)
+    assert aligner.target_of(rows, batch, 1.0) is first  # teacher_mass reuses the loss's work
+    aligner.teacher_mass(rows, batch, LossConfig())
+    teacher_logits = weakref.ref(batch.teacher.logits)
+    student_logits = weakref.ref(batch.student.logits)
+    del batch, rows, loss, first
+    gc.collect()
+    assert teacher_logits() is None and student_logits() is None

@@ -172,8 +172,10 @@ def test_a_path_under_an_existing_folder_is_local_and_must_exist(tmp_path, monke
 
 
 def test_accepted_edge_values(tmp_path):
+    import torch
+
     ckpt = tmp_path / "last.ckpt"
-    ckpt.write_bytes(b"")
+    torch.save({"global_step": 0}, ckpt)  # a readable checkpoint file (an empty one is refused: test_errors.py)
     cfg = load(overrides=["rollout.temperature=0", "data.batch_size=1", f"run.resume_from={ckpt}",
                           f"student.path={tmp_path}", "trainer.accelerator=cpu"])  # fmt: skip
     assert cfg.rollout.temperature == 0.0

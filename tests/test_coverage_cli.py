@@ -102,7 +102,7 @@ def test_field_option_and_table_output(capsys, jsonl):
 
 
 @pytest.mark.parametrize("case", ["bad_fixture", "missing_tokenizer_file", "corrupt_tokenizer_file",
-                                  "missing_file", "missing_field", "bad_json", "unknown_aligner"])  # fmt: skip
+                                  "missing_file", "missing_field", "bad_json", "not_utf8", "unknown_aligner"])  # fmt: skip
 def test_bad_inputs_exit_2_with_one_line(capsys, jsonl, tmp_path, case):
     corrupt = tmp_path / "tokenizer.json"
     corrupt.write_text("{ not a tokenizer")
@@ -121,6 +121,9 @@ def test_bad_inputs_exit_2_with_one_line(capsys, jsonl, tmp_path, case):
         extra = ["--field", "nope"]
     elif case == "bad_json":
         file = str(bad_lines)
+    elif case == "not_utf8":
+        file = str(tmp_path / "latin1.jsonl")
+        (tmp_path / "latin1.jsonl").write_bytes('{"answer": "ok"}\n{"answer": "Ça"}\n'.encode("latin-1"))
     elif case == "unknown_aligner":
         extra = ["--aligner", "exact,nope"]
     code, out, err = align(capsys, "--student", student, "--teacher", teacher, *extra, file)
@@ -129,6 +132,11 @@ def test_bad_inputs_exit_2_with_one_line(capsys, jsonl, tmp_path, case):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lightning-opd align: "), err
     assert "Traceback" not in err
+    if case == "not_utf8":  # file, line and the 1-based character column of the first bad byte
+        column = len('{"answer": "') + 1
+        assert f"latin1.jsonl:2: not valid UTF-8 at column {column} " in lines[0]
+    if case == "bad_json":
+        assert "bad.jsonl:2: bad JSON at column 1 (Expecting value)" in lines[0]
 
 
 def test_measure_coverage_library_call():

@@ -71,6 +71,7 @@ Where this departs from the paper and its released code (K1XE/BPM):
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -233,22 +234,26 @@ class BPMAligner(Aligner):
         the teacher mass it kept (1 - residual). The rows that need more than the one scatter
         (w > 0, chains) are worked out here once, as sparse corrections, so the function is
         cheap to call again (activation checkpointing recomputes it in backward)."""
+        # the loss and `teacher_mass` of one step share the corrections; the memo holds weak
+        # references only, so nothing of a finished step (its logits above all) is kept alive
         memo = getattr(self, "_memo", None)
-        if memo is not None and memo[0] is rows and memo[1] is batch and memo[2] == temperature:
-            return memo[3]  # the loss and `teacher_mass` of one step share the corrections
+        if memo is not None and memo[0]() is rows and memo[1]() is batch and memo[2] == temperature:
+            return memo[3]
         fn = self._target_of(rows, batch, temperature)
-        self._memo = (rows, batch, temperature, fn)
+        self._memo = (weakref.ref(rows), weakref.ref(batch), temperature, fn)
         return fn
 
     def _target_of(self, rows: BPMRows, batch: ScoredBatch, temperature: float):
         tau = temperature
         zt_all = batch.teacher.logits
+        zt_ref = weakref.ref(zt_all)  # the returned function must not keep the logits alive
         device = zt_all.device
         n_student = batch.student.logits.shape[-1]
+        teacher_pos = rows.teacher_pos  # (R,): the returned functions keep only this of the rows
         if batch.vocab.identity:
 
             def identical(sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
-                q = torch.softmax(zt_all[rows.teacher_pos[sl]].float() / tau, dim=-1)
+                q = torch.softmax(zt_ref()[teacher_pos[sl]].float() / tau, dim=-1)
                 return q, torch.ones(q.shape[0], device=device)
 
             return identical
@@ -285,7 +290,7 @@ class BPMAligner(Aligner):
         replace = replace.to(device)
 
         def target(sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
-            q = torch.softmax(zt_all[rows.teacher_pos[sl]].float() / tau, dim=-1)  # (r, V_T)
+            q = torch.softmax(zt_ref()[teacher_pos[sl]].float() / tau, dim=-1)  # (r, V_T)
             out = torch.zeros(q.shape[0], n_student + 1, device=device)  # (r, V_S + residual)
             out.index_add_(1, column, q)  # each teacher id's mass onto its student token
             out[replace[sl]] = 0.0

@@ -6,9 +6,16 @@ seed the runner loads
 
     base.yaml <- EXPERIMENT.yaml <- overlay <- overrides <- trainer.seed=S data.seed=S
 
-and trains it into `<out>/<experiment>/<knob>/<variant>/seed<S>/` (the data seed also draws a
-different validation set, as in docs/results.md). After all runs it writes `table.md` and
-`curves.png` there (report.py).
+and trains it into `<out>/<experiment>/<knob>[+<hash>]/<variant>/seed<S>/` (the data seed also
+draws a different validation set, as in docs/results.md). After all runs it writes `table.md`
+and `curves.png` in the knob's directory (report.py).
+
+Overrides: `+<hash>` is there only when the command has overrides, and is a short hash of them
+(`overrides_key`: each key's last value, sorted, without the keys that change nothing that is
+trained, `NEUTRAL_KEYS`). So the same ablation called again with other overrides (another model,
+another learning rate) gets a directory of its own instead of finding the first call's runs
+"finished", and the results of ablations without overrides keep their paths. Each run's
+`ablation.json` records the overrides.
 
 Baseline: the overlay of a knob whose values are the experiment's own (`aligner/simct.yaml` for
 the default experiment) holds a line `# baseline`. It changes nothing; it is there so the knob's
@@ -18,8 +25,9 @@ change the resolved config (tests/test_ablate.py checks both).
 Resuming: a run with a `summary.json` is finished and skipped; a run directory without one
 was interrupted and resumes from its last checkpoint (`checkpoints/last.ckpt`, written every
 `trainer.checkpoint_every_n_steps`, which the runner sets to a fifth of the run when the
-experiment leaves it at 0), or starts again if it has none. Validation runs at the same
-interval unless set, so curves.png has points between "before" and "after".
+experiment leaves it at 0), or starts again if it has none or cannot read it (a save cut
+short). Validation runs at the same interval unless set, so curves.png has points between
+"before" and "after".
 
 One failing run does not stop the ablation: its traceback goes to `<run>/error.txt`, the rest
 go on, and the command exits 1 at the end.
@@ -28,15 +36,17 @@ go on, and the command exits 1 at the end.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning_opd.config import CONFIG_DIR, Config, ConfigError, load
+from lightning_opd.config import CONFIG_DIR, Config, ConfigError, checkpoint_problem, load
 
 ABLATION_DIR = CONFIG_DIR / "ablation"
 BASELINE_MARKER = "# baseline"
@@ -79,11 +89,46 @@ def parse_seeds(text: str | list[str]) -> list[int]:
     return seeds
 
 
+# Overrides that do not change what a run trains, left out of the directory's hash, so that they
+# cannot send an ablation to a new directory for nothing: where the cache is, the progress bar,
+# how often the run validates, checkpoints and logs (greedy validation samples nothing, a resume
+# restores the RNG; docs/results/README.md's own commands set these), and the keys the runner
+# sets itself after the overrides (a run's place and seeds).
+NEUTRAL_KEYS = frozenset({
+    "run.cache_dir", "trainer.progress_bar", "trainer.val_every_n_steps", "trainer.checkpoint_every_n_steps",
+    "trainer.log_every_n_steps", "run.output_dir", "run.name", "trainer.seed", "data.seed",
+})  # fmt: skip
+
+
+def overrides_key(overrides: Sequence[str]) -> list[str]:
+    """The overrides that decide an ablation's directory: `key=value`, each key's last value (a
+    later override wins, as in `config.load`), sorted by key, `NEUTRAL_KEYS` left out."""
+    last: dict[str, str] = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        last[key.strip()] = value.strip()
+    return [f"{key}={value}" for key, value in sorted(last.items()) if key not in NEUTRAL_KEYS]
+
+
+def overrides_hash(overrides: Sequence[str]) -> str:
+    """8 hex digits of `overrides_key`; "" when no override counts (the directory has no suffix)."""
+    key = overrides_key(overrides)
+    return hashlib.sha256("\n".join(key).encode()).hexdigest()[:8] if key else ""
+
+
+def knob_dir(out: Path, experiment_name: str, knob: str, overrides: Sequence[str] = ()) -> Path:
+    """`<out>/<experiment>/<knob>`, with `+<overrides_hash>` after the knob when there are overrides."""
+    digest = overrides_hash(overrides)
+    return out / experiment_name / (f"{knob}+{digest}" if digest else knob)
+
+
 def plan(experiment: Path, knob: str, seeds: list[int], out: Path,
-         ablation_dir: Path = ABLATION_DIR, only: list[str] | None = None) -> tuple[str, list[PlannedRun]]:  # fmt: skip
-    """The runs of a knob; `only`: just these variants (overlay names), in this order."""
+         ablation_dir: Path = ABLATION_DIR, only: list[str] | None = None,
+         overrides: Sequence[str] = ()) -> tuple[str, list[PlannedRun]]:  # fmt: skip
+    """The runs of a knob; `only`: just these variants (overlay names), in this order;
+    `overrides`: the command's, which place the runs in a directory of their own (`knob_dir`)."""
     name = load(experiment).experiment
-    root = out / name / knob
+    root = knob_dir(out, name, knob, overrides)
     overlays = knob_overlays(knob, ablation_dir)
     if only:
         by_name = {overlay.stem: overlay for overlay in overlays}
@@ -106,7 +151,9 @@ def run_config(experiment: Path, run: PlannedRun, knob: str, overrides: list[str
     if cfg.trainer.val_every_n_steps == 0:
         cfg.trainer.val_every_n_steps = interval
     last = run.run_dir / "checkpoints" / "last.ckpt"
-    if last.is_file():
+    # a checkpoint whose save was cut short (the process killed while writing) cannot be resumed
+    # from: the run starts again, as one without a checkpoint does
+    if last.is_file() and checkpoint_problem(last) is None:
         cfg.run.resume_from = str(last)
     return cfg
 
@@ -127,7 +174,7 @@ def ablate(experiment: str | Path, knob: str, seeds: list[int], out: str | Path 
     from lightning_opd.train import train
 
     experiment, out = Path(experiment), Path(out)
-    name, runs = plan(experiment, knob, seeds, out, ablation_dir, only)
+    name, runs = plan(experiment, knob, seeds, out, ablation_dir, only, overrides)
     configs = {run: run_config(experiment, run, knob, list(overrides)) for run in runs}  # bad keys fail here
     todo = [r for r in runs if not r.finished]
     log(f"ablation {name}/{knob}: {len(runs)} runs, {len(runs) - len(todo)} already finished")
@@ -139,8 +186,10 @@ def ablate(experiment: str | Path, knob: str, seeds: list[int], out: str | Path 
         if run.run_dir.exists() and not configs[run].run.resume_from:
             shutil.rmtree(run.run_dir)  # an interrupted run without a checkpoint starts again
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / "ablation.json").write_text(json.dumps({"knob": knob, "variant": run.variant, "seed": run.seed,
-                                                                 "baseline": is_baseline(run.overlay)}))
+        (run.run_dir / "ablation.json").write_text(json.dumps({
+            "knob": knob, "variant": run.variant, "seed": run.seed, "baseline": is_baseline(run.overlay),
+            "overrides": overrides_key(overrides), "overrides_hash": overrides_hash(overrides),
+        }))  # fmt: skip
         start = time.time()
         try:
             summary = train(configs[run])
@@ -151,15 +200,17 @@ def ablate(experiment: str | Path, knob: str, seeds: list[int], out: str | Path 
             failed.append(run)
             log(f"    FAILED (traceback in {run.run_dir / 'error.txt'})")
         durations.append(time.time() - start)
-    root = out / name / knob
-    if only:  # the report covers every finished run of the knob, not only the ones run now
-        runs = plan(experiment, knob, seeds, out, ablation_dir)[1] + runs
+    root = knob_dir(out, name, knob, overrides)
+    if only:  # the report covers every finished run of the knob (these overrides), not only the ones run now
+        runs = plan(experiment, knob, seeds, out, ablation_dir, overrides=overrides)[1] + runs
         runs = list(dict.fromkeys(runs))
     finished = [r for r in runs if r.finished]
     result = {"dir": str(root), "finished": len(finished), "failed": len(failed),
               "skipped": len(runs) - len(todo), "table": None, "curves": None}  # fmt: skip
     if finished:
-        table, curves = write_report(find_runs([r.run_dir for r in finished]), root, f"{name}: {knob}")
+        counted = overrides_key(overrides)
+        title = f"{name}: {knob}" + (f" ({' '.join(counted)})" if counted else "")
+        table, curves = write_report(find_runs([r.run_dir for r in finished]), root, title)
         result.update(table=str(table), curves=str(curves))
         log(table.read_text())
         log(f"wrote {table} and {curves}")
@@ -171,7 +222,8 @@ def ablate(experiment: str | Path, knob: str, seeds: list[int], out: str | Path 
 
 def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help="the experiment config, e.g. configs/experiment/default.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run; with any, "
+                        "the runs go to <knob>+<hash of the overrides>/ (a directory of their own)")  # fmt: skip
     parser.add_argument("--knob", required=True, help="a directory of overlays under configs/ablation/")
     parser.add_argument("--seeds", default="0", help='seeds, e.g. "0 1 2" (default 0)')
     parser.add_argument("--out", default="results", help="results root (default: results)")

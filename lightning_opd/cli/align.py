@@ -38,13 +38,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from lightning_opd.config import TokenizerConfig
+from lightning_opd.errors import UserError
 
 BATCH_SIZE = 256
 KEYS = ("aligner", "texts", "student_tokens", "supervised_tokens", "coverage", "teacher_vocab_reached",
         "rows", "spans", "seconds")  # fmt: skip
 
 
-class AlignCommandError(ValueError):
+class AlignCommandError(UserError, ValueError):
     """A problem with the command's inputs, reported as one line (exit code 2)."""
 
 
@@ -162,24 +163,27 @@ def load_spec(spec: str, role: str, eos: str | None = None):
 
 
 def read_texts(path: str, field: str) -> list[str]:
-    """The `field` of every JSON line of `path` (blank lines skipped)."""
+    """The `field` of every JSON line of `path` (blank lines skipped).
+
+    Lines are read as bytes and decoded one by one (`data.tasks.json_line`, as training reads
+    JSONL), so a file that is not UTF-8, or a bad line, is named by line and column in one
+    message instead of a UnicodeDecodeError traceback from the middle of the file."""
+    from lightning_opd.data.tasks import DataError, json_line, jsonl_lines
+
     file = Path(path)
     if not file.is_file():
         raise AlignCommandError(f"{path}: no such file")
     texts = []
-    with file.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise AlignCommandError(f"{path}:{number}: not JSON ({err.msg})") from None
-            if not isinstance(record, dict) or field not in record:
-                raise AlignCommandError(f"{path}:{number}: no field {field!r} (use --field)")
-            if not isinstance(record[field], str):
-                raise AlignCommandError(f"{path}:{number}: field {field!r} is not a string")
-            texts.append(record[field])
+    for number, raw in jsonl_lines(file):
+        try:
+            record = json_line(file, number, raw)
+        except DataError as err:
+            raise AlignCommandError(str(err)) from None
+        if not isinstance(record, dict) or field not in record:
+            raise AlignCommandError(f"{path}:{number}: no field {field!r} (use --field)")
+        if not isinstance(record[field], str):
+            raise AlignCommandError(f"{path}:{number}: field {field!r} is not a string")
+        texts.append(record[field])
     if not texts:
         raise AlignCommandError(f"{path}: no texts")
     return texts

@@ -3,8 +3,12 @@
     lightning-opd train configs/experiment/default.yaml trainer.max_steps=20 aligner.name=exact
     lightning-opd config configs/experiment/default.yaml      # print the resolved config
     lightning-opd plan configs/experiment/simct_qwen7b_gemma2b.yaml --gpu-memory 80   # memory per device
+    lightning-opd export runs/NAME/checkpoints/last.ckpt --out models/NAME   # the student, HF folder
+    lightning-opd eval runs/NAME/student --limit 100      # its greedy accuracy on the task
 
-Config problems (unknown key, wrong type, bad value) exit with code 2 and a one-line message;
+Config problems (unknown key, wrong type, bad value, unreadable checkpoint) and the other errors a
+user can act on (`errors.UserError`: a malformed data file, a model or tokenizer that cannot be
+found) exit with code 2 and a one-line message naming the file and line, key or id, and the fix;
 Ctrl-C exits with 130 (128 + SIGINT, as shells report it), after `train` saved the last finished
 step and printed how to resume.
 """
@@ -16,7 +20,7 @@ import sys
 from collections.abc import Callable
 
 from lightning_opd.config import ConfigError, load, to_yaml
-from lightning_opd.errors import TrainingInterrupted
+from lightning_opd.errors import TrainingInterrupted, UserError
 
 EXIT_CONFIG_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
@@ -58,6 +62,8 @@ def print_summary(summary: dict) -> None:
         value = summary.get(key)
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     Console().print(table)
+    if summary.get("student_dir"):
+        print(f"distilled student (Hugging Face folder): {summary['student_dir']}")
 
 
 def _items_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +99,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
               "time alignment, rows, loss and one training step (docs/performance.md)"),
     "plan": (*_in_module("plan", "run_plan", "add_plan_arguments"),
              "per-device memory estimate of a run: CONFIG.yaml... [key=value...] [--gpu-memory GiB]"),
+    "export": (*_in_module("export", "run_export", "add_export_arguments"),
+               "the student of a checkpoint as a Hugging Face folder: CKPT --out DIR [key=value...]"),
+    "eval": (*_in_module("export", "run_eval", "add_eval_arguments"),
+             "greedy accuracy of a Hugging Face folder: MODEL_DIR [CONFIG.yaml...] [key=value...] [--limit N]"),
 }  # fmt: skip
 
 
@@ -102,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, add_arguments, help_text) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text))
     return parser
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line: the messages are written as one, this only guards the
+    promise of one line against a library's text inside them."""
+    return " ".join(str(err).split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][0](args)
     except ConfigError as err:
-        print(f"lightning-opd: config error: {err}", file=sys.stderr)
+        print(f"lightning-opd: config error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except UserError as err:  # data, model, tokenizer: the message names the place and the fix
+        print(f"lightning-opd: {_one_line(err)}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except TrainingInterrupted:  # train printed where the checkpoint is and how to resume
         return EXIT_INTERRUPTED

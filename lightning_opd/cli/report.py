@@ -1,10 +1,16 @@
 """`lightning-opd report RUN_DIR...`: one table and one plot from any set of finished runs.
 
 A run directory (written by `train`) holds `summary.json`, `metrics.csv` and `config.yaml`; the
-ablation runner adds `ablation.json` ({"knob", "variant", "seed", "baseline"}). Runs are grouped
-by *variant*: the ablation's variant name where there is one, else `<experiment>/<aligner>`; the
-knob's baseline variant (its overlay changes nothing, ablate.py) reads `name` (baseline).
-Per variant, over its seeds (mean ± sample sd; a single seed shows ± 0):
+ablation runner adds `ablation.json` ({"knob", "variant", "seed", "baseline", "overrides"}).
+Runs are grouped by *variant* (the ablation's variant name where there is one, else
+`<experiment>/<aligner>`) and *setting*: the models (`model_identity`: per role the `path`, or
+the `tiny` spec of a model built here, with its tokenizer and SFT settings, from the run's
+`config.yaml`) and the keys of the ablation's overrides. Runs of one variant with different
+models, say an ablation run once on the tiny pair and once on your own, are different rows; each
+row then names the keys that tell them apart, `variant` [student.path=..., ...] (every row
+names the same keys, so rows of other variants can be compared with them). The knob's baseline
+variant (its overlay changes nothing, ablate.py) reads `name` (baseline). Per row, over its
+seeds (mean ± sample sd; a single seed shows ± 0):
 
     variant | seeds | student before | student after | gain | coverage | teacher mass |
     final loss | steps/s [+ tool calls / response | tool success, when the runs called tools]
@@ -15,7 +21,7 @@ the comparison, `Aligner.teacher_mass`; — for runs that did not log it: `alm`,
 than the metric), `final loss` the last logged `train/loss`, `steps/s` the OPD steps over the
 seconds spent in `trainer.fit` (validation included, preparation excluded). `curves.png` has
 two panels, coverage and greedy accuracy against the OPD step, one line per variant (the mean
-over seeds at the steps all its seeds logged).
+over seeds at the steps all its seeds logged), labelled as the table's rows.
 
     lightning-opd report results/default/aligner --out results/default/aligner
 """
@@ -30,6 +36,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -42,6 +49,8 @@ class RunRecord:
     summary: dict
     metrics: list[dict] = field(default_factory=list)  # rows of metrics.csv, values as floats
     baseline: bool = False  # the knob's baseline variant (ablation.json)
+    config: dict = field(default_factory=dict)  # config.yaml as plain containers ({} if absent)
+    overrides: list[str] = field(default_factory=list)  # the ablation's key=value overrides
 
     def series(self, column: str) -> tuple[list[int], list[float]]:
         """(steps, values) of one logged column, in step order, rows without it skipped."""
@@ -73,15 +82,35 @@ def _float_or_nan(text: str) -> float:
         return math.nan
 
 
-def _seed_of(run_dir: Path, ablation: dict) -> int:
+def _read_config(run_dir: Path) -> dict:
+    """The run's config.yaml as plain containers; {} when it is missing or unreadable (the run
+    is still reported, its models as unknown)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    from omegaconf import OmegaConf
+
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception:  # a hand-edited or truncated file must not stop the report
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _select(config: dict, key: str, default: Any = None) -> Any:
+    """`config[a][b]...` for the dotted `key`, or `default`."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _seed_of(ablation: dict, config: dict) -> int:
     if "seed" in ablation:
         return int(ablation["seed"])
-    config = run_dir / "config.yaml"
-    if config.is_file():
-        from omegaconf import OmegaConf
-
-        return int(OmegaConf.select(OmegaConf.load(config), "trainer.seed", default=0))
-    return 0
+    return int(_select(config, "trainer.seed", 0) or 0)
 
 
 def load_run(run_dir: str | Path) -> RunRecord:
@@ -99,8 +128,10 @@ def load_run(run_dir: str | Path) -> RunRecord:
     if metrics_path.is_file():
         with metrics_path.open() as f:
             metrics = [{k: _float_or_nan(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    return RunRecord(run_dir, variant, _seed_of(run_dir, ablation), summary, metrics,
-                     baseline=bool(ablation.get("baseline", False)))
+    config = _read_config(run_dir)
+    return RunRecord(run_dir, variant, _seed_of(ablation, config), summary, metrics,
+                     baseline=bool(ablation.get("baseline", False)), config=config,
+                     overrides=list(ablation.get("overrides") or []))  # fmt: skip
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[RunRecord]:
@@ -128,27 +159,118 @@ class VariantSummary:
     tool_calls: list[float] = field(default_factory=list)  # per response, mean over steps
     tool_success: list[float] = field(default_factory=list)  # successful calls / calls
     baseline: bool = False  # the knob's baseline variant: shown as `name` (baseline)
+    setting: str = ""  # what tells this row from others of its variant: "student.path=..., ..."
 
     @property
     def gain(self) -> list[float]:
         return [a - b for a, b in zip(self.after, self.before, strict=True)]
 
+    @property
+    def label(self) -> str:
+        return row_label(self.variant, self.setting)
+
+
+MODEL_ROLES = ("student", "teacher")
+MODEL_SECTIONS = ("tokenizer", "sft")  # with `path` or `tiny`: what decides a model's weights
+
+
+def _flatten(node: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}.{key}"))
+    return flat
+
+
+def model_identity(config: dict) -> dict[str, Any]:
+    """What decides the run's models, as dotted keys of its config: per role the `path` of a
+    model of one's own, else the `tiny` spec of the one built here; and its tokenizer and SFT
+    settings (the tiny models are made by SFT: a teacher SFT'd for 600 steps is not one SFT'd
+    for 20). {} for a run without a readable config.yaml."""
+    identity: dict[str, Any] = {}
+    for role in MODEL_ROLES:
+        section = config.get(role)
+        if not isinstance(section, dict):
+            continue
+        identity[f"{role}.path"] = section.get("path")  # null for a tiny model: differs from any path
+        if not section.get("path"):
+            identity.update(_flatten(section.get("tiny", {}), f"{role}.tiny"))
+        for name in MODEL_SECTIONS:
+            identity.update(_flatten(section.get(name, {}), f"{role}.{name}"))
+    return identity
+
+
+def _setting(run: RunRecord, override_keys: Sequence[str]) -> dict[str, str]:
+    """The run's models (`model_identity`) and its value of each key that an ablation in the
+    report overrode (from its config.yaml: a run that did not override a key still has a value
+    for it), as text."""
+    values = model_identity(run.config)
+    if run.config:
+        values.update({key: _select(run.config, key) for key in override_keys if key not in values})
+    return {key: _show(value) for key, value in values.items()}
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def row_label(variant: str, setting: str) -> str:
+    """`variant`, or `variant [setting]` when the report tells runs of one variant apart."""
+    return f"{variant} [{setting}]" if setting else variant
+
+
+def grouped(runs: Sequence[RunRecord]) -> list[tuple[str, str, list[RunRecord]]]:
+    """(variant, setting, runs) per row, in the order rows first appear.
+
+    A row is a variant and a setting (`_setting`): its models and the overridden keys. Shown
+    (and then on every row) are only the keys whose values differ between runs of some one
+    variant: an ablation whose overlays change a model (a tokenizer knob) differs between
+    variants, not within one, and keeps its plain labels. A key that some runs' config.yaml lacks
+    (written before the setting existed) tells nothing apart; a run without a config.yaml is a
+    row of its own, its models unknown."""
+    override_keys = sorted({item.partition("=")[0] for run in runs for item in run.overrides})
+    settings = [_setting(run, override_keys) for run in runs]
+    by_variant: dict[str, list[dict[str, str]]] = {}
+    for run, setting in zip(runs, settings, strict=True):
+        by_variant.setdefault(run.variant, []).append(setting)
+    shown: list[str] = []  # the keys that split some variant, in the order first met
+    unknown_apart = False  # some variant has runs with and without a config.yaml
+    for group in by_variant.values():
+        known = [setting for setting in group if setting]
+        unknown_apart = unknown_apart or 0 < len(known) < len(group)
+        common = [key for key in dict.fromkeys(k for setting in known for k in setting)
+                  if all(key in setting for setting in known)]  # fmt: skip
+        shown += [key for key in common if len({setting[key] for setting in known}) > 1 and key not in shown]
+    rows: dict[tuple[str, str], list[RunRecord]] = {}
+    for run, setting in zip(runs, settings, strict=True):
+        if not (shown or unknown_apart):
+            text = ""
+        elif not setting:
+            text = "models unknown (no config.yaml)"
+        else:
+            text = ", ".join(f"{key}={setting[key]}" for key in shown if key in setting)
+        rows.setdefault((run.variant, text), []).append(run)
+    return [(variant, text, group) for (variant, text), group in rows.items()]
+
 
 def group_by_variant(runs: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
-    groups: dict[str, list[RunRecord]] = {}
-    for run in runs:
-        groups.setdefault(run.variant, []).append(run)
-    return groups
+    """The runs of each row (`grouped`), keyed by the row's label (`row_label`)."""
+    return {row_label(variant, setting): group for variant, setting, group in grouped(runs)}
 
 
 def summarise(runs: Sequence[RunRecord]) -> list[VariantSummary]:
-    """One summary per variant, in the order variants first appear."""
+    """One summary per row (variant and setting, `grouped`), in the order rows first appear."""
 
     def values(group: list[RunRecord], get) -> list[float]:
         return [float(v) for v in map(get, group) if v is not None]
 
     out = []
-    for variant, group in group_by_variant(runs).items():
+    for variant, setting, group in grouped(runs):
         paired = [r for r in group if r.summary.get("student_accuracy_before") is not None
                   and r.summary.get("student_accuracy_after") is not None]  # fmt: skip
         out.append(VariantSummary(
@@ -163,6 +285,7 @@ def summarise(runs: Sequence[RunRecord]) -> list[VariantSummary]:
             tool_calls=values(group, lambda r: r.mean_of("train/tool_calls")),
             tool_success=values(group, lambda r: r.mean_of("train/tool_success_rate")),
             baseline=any(r.baseline for r in group),
+            setting=setting,
         ))  # fmt: skip
     return out
 
@@ -190,7 +313,10 @@ def markdown_table(summaries: Sequence[VariantSummary]) -> str:
     header = TABLE_HEADER + (TOOL_HEADER if tools else ())
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
-        cells = [f"`{s.variant}`" + (" (baseline)" if s.baseline else ""), ",".join(map(str, s.seeds)), mean_sd(s.before), mean_sd(s.after),
+        label = f"`{s.variant}`" + (" (baseline)" if s.baseline else "")
+        if s.setting:
+            label += " [" + s.setting.replace("|", "\\|") + "]"  # a `|` would end the table cell
+        cells = [label, ",".join(map(str, s.seeds)), mean_sd(s.before), mean_sd(s.after),
                  mean_sd(s.gain, signed=True), mean_sd(s.coverage, 4), mean_sd(s.teacher_mass, 4),
                  mean_sd(s.final_loss, 4),
                  mean_sd(s.steps_per_second, 2)]  # fmt: skip

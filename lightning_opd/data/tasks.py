@@ -19,6 +19,7 @@ file such as GSM8K.
 
 from __future__ import annotations
 
+import codecs
 import json
 import operator
 import random
@@ -26,14 +27,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import count, islice
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..config import DataConfig
+from ..errors import DataError  # defined there (no heavy imports); imported from here by callers
 from ..rewards import ANSWER_MARK, is_correct
-
-
-class DataError(ValueError):
-    """Bad task input or settings; the message names the file and line, or the key."""
 
 
 @dataclass(frozen=True)
@@ -258,12 +256,52 @@ class ArithTask:
 # ----------------------------------------------------------------------------- jsonl
 
 
-def _lines(path: Path, first: int = 1) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line) for the non-blank lines of `path` from line `first`."""
+def jsonl_lines(path: Path, first: int = 1) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line) for the non-blank lines of `path` from line `first`.
+
+    A UTF-8 byte order mark opening the file (as some Windows editors write) is dropped: it is
+    not part of the first record, and editors do not count it as a column."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             if lineno >= first and raw.strip():
                 yield lineno, raw
+
+
+def json_line(path: Path, lineno: int, raw: bytes, alternative: str = "") -> Any:
+    """The JSON value on line `lineno` of a JSONL file (its raw bytes, as `jsonl_lines` yields them).
+
+    `DataError` otherwise, one line naming file, line and 1-based column, as editors count
+    them: json's own `colno` (characters, so right after non-ASCII text too) for bad JSON, and
+    for bytes that are not UTF-8 the character column at which the first of them stands
+    (`UnicodeDecodeError.start` is a 0-based byte offset, which would be off by one, and by
+    more after multi-byte characters). `alternative` ends the message: another way out that the
+    caller offers (", or set data.on_bad_line=skip ...")."""
+    where = f"{path}:{lineno}"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        column = len(raw[: err.start].decode("utf-8")) + 1  # the bytes before it are valid
+        raise DataError(
+            f"{where}: not valid UTF-8 at column {column} (byte 0x{raw[err.start]:02x}: {err.reason}); "
+            f"convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8 {path} > fixed.jsonl){alternative}"
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: bad JSON at column {err.colno} ({err.msg}); fix the line{alternative}") from None
+
+
+def _check_not_empty(path: Path, key: str) -> None:
+    """DataError if `path` holds no non-blank line: said now, rather than as 'fewer lines than
+    data.val_size' or an empty validation set later."""
+    if next(jsonl_lines(path), None) is None:
+        raise DataError(f"{path}: the file is empty ({key}); give a JSONL file with one JSON object per line")
+
+
+# the way past a malformed line that training offers (the align command has none)
+SKIP_HINT = ", or set data.on_bad_line=skip to skip malformed lines"
 
 
 @register_task("jsonl")
@@ -287,6 +325,8 @@ class JsonlTask:
         for key, p in (("data.path", self.path), ("data.val_path", self.val_path)):
             if p is not None and not p.is_file():
                 raise DataError(f"{p}: file not found ({key})")
+            if p is not None:
+                _check_not_empty(p, key)
         if cfg.on_bad_line not in ("error", "skip"):
             raise DataError(f"data.on_bad_line={cfg.on_bad_line!r} is not one of error | skip")
         self.prompt_field, self.answer_field = cfg.prompt_field, cfg.answer_field
@@ -300,22 +340,19 @@ class JsonlTask:
     def parse(self, path: Path, lineno: int, raw: bytes) -> Example:
         """The Example on one line; DataError naming file, line and field if malformed."""
         where = f"{path}:{lineno}"
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            raise DataError(
-                f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})"
-            ) from None
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: bad JSON ({err.msg} at column {err.colno})") from None
+        record = json_line(path, lineno, raw, alternative=SKIP_HINT)
         if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        for key, setting in (
-            (self.prompt_field, "prompt_field"),
-            (self.answer_field, "answer_field"),
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}; fix the line{SKIP_HINT}")
+        for key, setting, holds in (
+            (self.prompt_field, "prompt_field", "prompt"),
+            (self.answer_field, "answer_field", "reference answer"),
         ):
             if key not in record:
-                raise DataError(f"{where}: missing field {key!r} (data.{setting})")
+                fields = ", ".join(map(repr, list(record)[:10])) or "none"
+                raise DataError(
+                    f"{where}: missing field {key!r} (data.{setting}); the line has fields {fields}: "
+                    f"set data.{setting} to the field that holds the {holds}"
+                )
         prompt, answer = record[self.prompt_field], record[self.answer_field]
         if not isinstance(prompt, str) or not prompt.strip():
             raise DataError(
@@ -337,7 +374,7 @@ class JsonlTask:
     def _valid(self, path: Path, first: int = 1) -> Iterator[tuple[int, Example]]:
         """(line number, Example) for the valid lines of a validation source; skipped lines
         are counted in `val_bad_lines`."""
-        for lineno, raw in _lines(path, first):
+        for lineno, raw in jsonl_lines(path, first):
             try:
                 yield lineno, self.parse(path, lineno, raw)
             except DataError:
@@ -368,7 +405,7 @@ class JsonlTask:
         check_shard(shard, num_shards, start)
         self.validation_set()  # fixes where training starts
         first, bad, seen = self._first_train_line, 0, 0
-        for lineno, raw in _lines(self.path, first):
+        for lineno, raw in jsonl_lines(self.path, first):
             if (lineno - first) % num_shards != shard:
                 continue
             try:
