@@ -84,6 +84,7 @@ from lightning_opd.align.base import (
     Rows,
     ScoredBatch,
     chunked,
+    range_members,
     register_aligner,
 )
 from lightning_opd.align.projection import Projection, projection_of
@@ -116,11 +117,10 @@ def bpm_rows(seg: BatchSegments) -> BPMRows:
     t_cum = np.concatenate([[0], np.cumsum(t_len)])  # (N_T+1,)
     s_lo, s_hi, t_lo, t_hi = (x.numpy() for x in (seg.s_lo, seg.s_hi, seg.t_lo, seg.t_hi))
     s_total, t_total = s_cum[s_hi] - s_cum[s_lo], t_cum[t_hi] - t_cum[t_lo]  # (G,) bytes
-    consistent = s_total == t_total
-    # every student token of the byte-consistent segments
-    count = np.where(consistent, s_hi - s_lo, 0)
-    g = np.repeat(np.arange(len(count)), count)  # (M,) segment of each member
-    pos = np.repeat(s_lo - np.cumsum(count) + count, count) + np.arange(len(g))  # (M,) packed
+    consistent = np.flatnonzero(s_total == t_total)  # (G',) the byte-consistent segments
+    # every student token of those segments: (M,) packed positions and the segment of each
+    pos, member_of = (x.numpy() for x in range_members(seg.s_lo[consistent], seg.s_hi[consistent]))
+    g = consistent[member_of]
     # a token without bytes predicts nothing, except the EOS that closes a segment with the
     # teacher's EOS (a zero-length token last on both sides): its row is EOS against EOS
     closing = (pos == s_hi[g] - 1) & (t_len[t_hi[g] - 1] == 0)
@@ -128,9 +128,8 @@ def bpm_rows(seg: BatchSegments) -> BPMRows:
     g, pos, closing = g[keep], pos[keep], closing[keep]
     # byte offset of each student token in the teacher's packed byte stream, and its token there
     x = t_cum[t_lo[g]] + (s_cum[pos] - s_cum[s_lo[g]])
-    k = (
-        np.searchsorted(t_cum[:-1], x, side="right") - 1
-    )  # last teacher token starting at or before x
+    # the last teacher token starting at or before x
+    k = np.searchsorted(t_cum[:-1], x, side="right") - 1
     k = np.where(closing, t_hi[g] - 1, k)
     within = np.where(closing, 0, x - t_cum[k])
     student_pos, teacher_pos = pos, k
