@@ -136,8 +136,15 @@ def _rank(rank: int, tok_dir: str, out_dir: str, port: int) -> None:
                     "text": tools_module.model_written_text(tok, out.response_ids[0], out.loss_mask[0]),
                 })
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.barrier()  # neither rank tears its group down while the other still talks to it
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown: gloo's worker threads can still be alive when C++
+    # statics are destroyed, which aborts the process now and then ("terminate called without an
+    # active exception", seen once in CI) after all the work above was done and written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
