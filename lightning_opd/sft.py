@@ -14,6 +14,7 @@ import torch
 
 from lightning_opd.config import SFTConfig
 from lightning_opd.models import render_prompt
+from lightning_opd.output import ProgressLines
 from lightning_opd.schedule import warmup_cosine
 
 
@@ -58,8 +59,13 @@ def sft_batch(tokenizer, examples, device, observation_spans=None) -> tuple[torc
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def supervised_finetune(model, tokenizer, task, cfg: SFTConfig, *, log_every: int = 100) -> dict:
-    """Train `model` for cfg.steps on task examples drawn from a stream of seed cfg.seed."""
+def supervised_finetune(model, tokenizer, task, cfg: SFTConfig, *, log_every: int = 100,
+                        log_every_s: float = 30.0) -> dict:  # fmt: skip
+    """Train `model` for cfg.steps on task examples drawn from a stream of seed cfg.seed.
+
+    Prints a progress line ("  sft step k/N  loss L  elapsed h:mm:ss  ETA h:mm:ss") every
+    `log_every` steps and whenever `log_every_s` seconds passed since the last one (slow steps of
+    a large model); 0 turns either off."""
     device = next(model.parameters()).device
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
@@ -67,6 +73,7 @@ def supervised_finetune(model, tokenizer, task, cfg: SFTConfig, *, log_every: in
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, warmup, 0.05))
     stream = endless_examples(task, start=cfg.seed * 10_000_000)
     start, loss_value = time.time(), float("nan")
+    progress = ProgressLines("sft step", cfg.steps, every_n=log_every, every_s=log_every_s, indent="  ")
     for step in range(cfg.steps):
         examples = [next(stream) for _ in range(cfg.batch_size)]
         ids, mask, labels = sft_batch(tokenizer, examples, device, getattr(task, "observation_spans", None))
@@ -77,6 +84,5 @@ def supervised_finetune(model, tokenizer, task, cfg: SFTConfig, *, log_every: in
         opt.step()
         sched.step()
         loss_value = loss.item()
-        if log_every and (step + 1) % log_every == 0:
-            print(f"  sft step {step + 1}/{cfg.steps}  loss {loss_value:.4f}  {time.time() - start:.0f}s", flush=True)
+        progress.update(step + 1, extra=f"loss {loss_value:.4f}")
     return {"sft_steps": cfg.steps, "sft_final_loss": loss_value, "sft_seconds": time.time() - start}

@@ -13,15 +13,21 @@ Ctrl-C during training saves `checkpoints/last.ckpt` as of the last finished ste
 from __future__ import annotations
 
 import json
+import math
+import re
 import signal
 import sys
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import CustomBarColumn
+from rich.progress import ProgressColumn, TextColumn
+from rich.text import Text
 
 from lightning_opd.config import Config, ConfigError, save
 from lightning_opd.data import PromptDataModule
@@ -29,6 +35,7 @@ from lightning_opd.errors import TrainingInterrupted
 from lightning_opd.evaluation import evaluate_accuracy
 from lightning_opd.export import save_student
 from lightning_opd.module import OPDModule, rng_state, set_rng_state
+from lightning_opd.output import ProgressLines, clock, eta_seconds, quiet_library_noise
 from lightning_opd.prepare import prepare
 from lightning_opd.rollout.sandbox import refusal as sandbox_refusal
 
@@ -53,6 +60,93 @@ def build_logger(cfg: Config, run_dir: Path):
     return loggers.CSVLogger(save_dir=str(run_dir), name="", version="")
 
 
+class StepTimeColumn(ProgressColumn):
+    """'elapsed • ETA • rate' of the training task, the ETA at the mean rate of this fit's steps
+    (rich's own estimate looks back 30 s only: no ETA at all when a step takes longer)."""
+
+    max_refresh = 0.5  # as Lightning's time column: no jitter
+
+    def __init__(self, bar: StepProgressBar) -> None:
+        self.bar = bar
+        super().__init__()
+
+    def render(self, task) -> Text:
+        elapsed = task.finished_time if task.finished else task.elapsed
+        done = int(task.completed) - self.bar.first_step
+        eta = eta_seconds(elapsed or 0.0, int(task.completed), int(task.total or 0), self.bar.first_step)
+        rate = ""
+        if done > 0 and elapsed:
+            per_step = elapsed / done
+            rate = f" • {per_step:.2f} s/step" if per_step >= 1 else f" • {1 / per_step:.2f} steps/s"
+        text = f"{clock(elapsed or 0.0)} • ETA {clock(eta) if eta is not None else '-:--:--'}{rate}"
+        return Text(text, style=self.bar.theme.time)
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich bar counting optimizer steps of `trainer.max_steps` ("step 12/200", elapsed,
+    ETA, time per step) instead of the batches of an epoch: the prompt stream is endless
+    (max_epochs=-1), where the stock bar reads "Epoch 0/-2". A resumed run's bar starts at the
+    checkpoint's step. Where the output is no terminal (a log file), rich draws only the final
+    bar: a plain progress line is printed after the first step and every `line_every_s` seconds."""
+
+    def __init__(self, *args: Any, line_every_s: float = 30.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.first_step = 0  # global step when this fit's steps began (a resumed run's checkpoint)
+        self.line_every_s = line_every_s
+        self._lines: ProgressLines | None = None
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self.trainer.max_steps > 0 else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        total = self.total_train_batches
+        return f"step {self.trainer.global_step}/{total if total != float('inf') else '--'}"
+
+    def configure_columns(self, trainer: L.Trainer) -> list:
+        return [
+            TextColumn("[progress.description]{task.description}"),
+            CustomBarColumn(complete_style=self.theme.progress_bar, finished_style=self.theme.progress_bar_finished,
+                            pulse_style=self.theme.progress_bar_pulse, bar_width=30),  # fmt: skip
+            StepTimeColumn(self),
+        ]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.first_step = int(trainer.global_step)
+        super().on_train_start(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._show_step(trainer)  # a resumed run starts at its checkpoint's step
+        total = self.total_train_batches
+        if self.is_enabled and self._console is not None and not self._console.is_terminal and math.isfinite(total):
+            self._lines = ProgressLines("step", int(total), every_s=self.line_every_s, start=self.first_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # as RichProgressBar's, with the step in place of the batch index
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()  # a run resumed mid-epoch
+        self._show_step(trainer)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+        if self._lines is not None:
+            self._lines.update(int(trainer.global_step), extra=self._metrics_text(trainer, pl_module),
+                               force=trainer.global_step == self.first_step + 1)  # fmt: skip
+
+    def _show_step(self, trainer: L.Trainer) -> None:
+        if self.progress is None or self.train_progress_bar_id is None or self.is_disabled:
+            return
+        description = self._get_train_description(trainer.current_epoch)
+        if self.theme.description:
+            description = f"[{self.theme.description}]{description}"
+        self.progress.update(self.train_progress_bar_id, completed=trainer.global_step, description=description)
+        self.refresh()
+
+    def _metrics_text(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+        metrics = self.get_metrics(trainer, pl_module)
+        return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
 def build_trainer(cfg: Config, run_dir: Path, extra_callbacks: list | None = None) -> L.Trainer:
     from lightning_opd.strategy import build_strategy
 
@@ -60,7 +154,7 @@ def build_trainer(cfg: Config, run_dir: Path, extra_callbacks: list | None = Non
     callbacks = [ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
                                  every_n_train_steps=t.checkpoint_every_n_steps or None)]  # fmt: skip
     if t.progress_bar:
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(StepProgressBar(leave=True))
     callbacks += list(extra_callbacks or [])
     return L.Trainer(
         max_steps=t.max_steps,
@@ -183,16 +277,44 @@ def _restore_sigint(handler: Any) -> None:
         pass
 
 
+def quiet_expected_directory_warnings(run_dir: Path, resuming: bool) -> None:
+    """Ignore (inside the caller's `warnings.catch_warnings`) Lightning's "directory exists and is
+    not empty" warnings where they are false for this run.
+
+    The CSV logger writes into the run directory itself, which already holds config.yaml (written
+    before the minutes of preparation): it warns that previous log files will be deleted, while the
+    only one it deletes is metrics.csv. So its warning holds only when metrics.csv is there and
+    the run does not resume (a resumed run merges the earlier rows back, `_merge_metrics`). The
+    checkpoint directory exists only in a run directory used before; a resumed run continues
+    its checkpoints on purpose (or starts a new directory: no best-k state is lost, as only the
+    last checkpoint is kept). A new run into a used run directory keeps both warnings."""
+    if resuming or not (run_dir / "metrics.csv").exists():
+        warnings.filterwarnings("ignore", message=f"Experiment logs directory {re.escape(str(run_dir))}")
+    if resuming:
+        checkpoints = re.escape(str(run_dir / "checkpoints"))
+        warnings.filterwarnings("ignore", message=f"Checkpoint directory {checkpoints}/? exists and is not empty")
+        # resumed into another run directory: the checkpoint keeps no best-k state to reload
+        warnings.filterwarnings("ignore", message=f"The dirpath has changed from .* to '{checkpoints}'")
+
+
 def train(cfg: Config, callbacks: list | None = None) -> dict:
     """Run one experiment; returns the summary (also written to <run_dir>/summary.json).
 
     `callbacks` are extra Lightning callbacks (tests use one to stop a run part-way). Ctrl-C
-    during training raises `TrainingInterrupted`, after saving the last finished step.
+    during training raises `TrainingInterrupted`, after saving the last finished step. The
+    libraries' messages that say nothing to a user are kept off the terminal
+    (`output.quiet_library_noise`), and so are the false "directory not empty" warnings.
     """
+    with quiet_library_noise():
+        return _train(cfg, callbacks)
+
+
+def _train(cfg: Config, callbacks: list | None) -> dict:
     start = time.time()
     preflight(cfg)  # before minutes of preparation
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     run_dir = run_directory(cfg)
+    quiet_expected_directory_warnings(run_dir, resuming=bool(cfg.run.resume_from))
     save(cfg, run_dir / "config.yaml")
 
     datamodule = PromptDataModule(cfg.data)
@@ -295,7 +417,10 @@ def _read_metrics(run_dir: Path) -> list[dict]:
     import csv
 
     path = run_dir / "metrics.csv"
-    return list(csv.DictReader(path.open())) if path.is_file() else []
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def _merge_metrics(run_dir: Path, earlier: list[dict]) -> None:

@@ -62,6 +62,7 @@ from lightning_opd.config import LossConfig
 
 if TYPE_CHECKING:
     from lightning_opd.align.pairing import TokenizerPair
+    from lightning_opd.align.vocab import SharedVocab
 
 LOG_HALF = -math.log(2.0)
 MAX_CHUNK_LOGPROB = -1e-6  # cap on ℓ: keeps 1 − q > 0 when a model is certain of a chunk
@@ -109,6 +110,12 @@ class ALMAligner(Aligner):
     @property
     def tau(self) -> float:
         return self.options.alm_temperature
+
+    def teacher_columns(self, vocab: SharedVocab, loss: LossConfig) -> torch.Tensor:
+        """No column besides the response tokens': chunk likelihoods (and the sampled form) are
+        sums of the sampled tokens' log-probabilities, their logit minus the full-vocabulary
+        normaliser, both of which a restricted teacher keeps; there is no teacher mass."""
+        return torch.zeros(0, dtype=torch.long)
 
     def full_row_losses(self, rows: Rows, batch: ScoredBatch, loss: LossConfig) -> torch.Tensor:
         n, temp, chunk = len(rows), loss.temperature, loss.chunk_rows

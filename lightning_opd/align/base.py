@@ -23,7 +23,9 @@ A new aligner is a file with `@register_aligner("name")` and a class implementin
 `teacher_mass` and `vocab_reached`, the diagnostics of how much of the teacher's probability its
 comparison lets through, which default to the V∩ form). Its options
 are typed fields of `AlignerConfig` (config.py), the one place their defaults are written; the
-loss settings arrive as the `LossConfig`.
+loss settings arrive as the `LossConfig`. An aligner that reads only some of the teacher's
+vocabulary says which ids in `teacher_columns` (None by default: all of them), and the teacher is
+then scored over those columns only (align/columns.py, `ScoredSide.restricted`).
 """
 
 from __future__ import annotations
@@ -47,11 +49,62 @@ if TYPE_CHECKING:  # pairing.py imports this module
 
 @dataclass
 class ScoredSide:
-    """One model's view of the batch's responses, packed (no padding)."""
+    """One model's view of the batch's responses, packed (no padding).
 
-    logits: torch.Tensor  # (N, V) logits predicting each response token
-    ids: torch.Tensor  # (N,) long, the response tokens (EOS included where generated)
+    A *restricted* side (`columns` set, align/columns.py) holds the logits of a few vocabulary
+    ids only: (N, C), column j being id `columns[j]`, with the full vocabulary's log-normaliser
+    at the loss temperature beside them (`normaliser`), so that the log-probabilities of the
+    sampled tokens and the softmax share of any set of columns are still the full vocabulary's.
+    Code that may see one reads the logits of a vocabulary id through `column`, and
+    log-probabilities through `token_logprobs` and `log_normaliser`, which work on both kinds;
+    an aligner that reads every column of a row (a softmax over V, a top-k) gets a full side
+    (`Aligner.teacher_columns` returns None) and says so with `require_full_vocabulary`."""
+
+    logits: torch.Tensor  # (N, V) logits predicting each response token; (N, C) when restricted
+    ids: torch.Tensor  # (N,) long, the response tokens (EOS included where generated): vocabulary ids
     offsets: torch.Tensor  # (B+1,) long, sequence b owns packed positions [offsets[b], offsets[b+1])
+    # restricted sides only: (C,) long ascending, the vocabulary id of each logit column
+    columns: torch.Tensor | None = None
+    # restricted sides only: (N,) float32, logsumexp over the FULL vocabulary of z / temperature
+    normaliser: torch.Tensor | None = None
+    temperature: float = 1.0  # the τ of `normaliser`
+
+    @property
+    def restricted(self) -> bool:
+        return self.columns is not None
+
+    def column(self, vocab_ids: torch.Tensor) -> torch.Tensor:
+        """The logit column of each vocabulary id (any shape): the ids themselves on a full side.
+        On a restricted side every id must be one of `columns`: the scorer keeps the ids the
+        aligner declared (`Aligner.teacher_columns`) and every response token."""
+        if self.columns is None:
+            return vocab_ids
+        return torch.searchsorted(self.columns, vocab_ids.to(self.columns.device))
+
+    def log_normaliser(self, positions: torch.Tensor, temperature: float) -> torch.Tensor:
+        """logsumexp over the full vocabulary of z_p / τ at each position, (r,) float32."""
+        if self.normaliser is None:
+            return torch.logsumexp(self.logits[positions].float() / temperature, dim=-1)
+        if temperature != self.temperature:
+            raise ValueError(f"this side's log-normaliser was computed at temperature {self.temperature}, "
+                             f"not {temperature}: score it at the loss temperature")  # fmt: skip
+        return self.normaliser[positions.to(self.normaliser.device)]
+
+    def token_logprobs(self, positions: torch.Tensor, temperature: float) -> torch.Tensor:
+        """log softmax(z_p / τ) over the full vocabulary at the sampled token ids[p], (r,) float32
+        (differentiable w.r.t. the logits of a full side)."""
+        if self.columns is None:
+            return losses.token_logprobs(self.logits[positions], self.ids[positions], temperature)
+        positions = positions.to(self.logits.device)
+        chosen = self.logits[positions, self.column(self.ids[positions])].float() / temperature
+        return chosen - self.log_normaliser(positions, temperature)
+
+
+def require_full_vocabulary(side: ScoredSide, aligner: str) -> None:
+    """Refuse a restricted side where every column of a row is read (a softmax over V, a top-k)."""
+    if side.restricted:
+        raise ValueError(f"aligner {aligner!r} reads the whole vocabulary of its rows, but got logits over "
+                         f"{len(side.columns)} columns; its teacher_columns must return None")  # fmt: skip
 
 
 @dataclass
@@ -217,6 +270,19 @@ class Aligner:
             return 1.0
         return len(pair.vocab) / max(len(pair.teacher_bytes.table), 1)
 
+    # --- what the teacher's logits are needed for (align/columns.py) ----------------------------
+    def teacher_columns(self, vocab: SharedVocab, loss: LossConfig) -> torch.Tensor | None:
+        """The teacher vocabulary ids whose logits this aligner's loss and `teacher_mass` read,
+        besides the response tokens' own (always kept) and the full-vocabulary log-normaliser
+        (always computed): (C,) long, or None for every id. With a tensor the frozen teacher is
+        scored over those columns only (`loss.restrict_teacher_columns`), (N, C) instead of (N, V_T).
+
+        None here, which is always right: an aligner declares less only when every teacher
+        quantity it reads goes through `ScoredSide.column` / `token_logprobs` /
+        `log_normaliser` (tests/test_teacher_columns.py checks each declaring aligner against
+        the full vocabulary)."""
+        return None
+
 
 def shared_vocab_mass(rows: Rows, batch: ScoredBatch, loss: LossConfig) -> torch.Tensor:
     """Σ_{v ∈ V∩_T} softmax(z^T / τ)(v) at each row's teacher anchor, (R,) float32, no grad.
@@ -224,16 +290,20 @@ def shared_vocab_mass(rows: Rows, batch: ScoredBatch, loss: LossConfig) -> torch
     Computed as exp(logsumexp over V∩ − logsumexp over V_T), chunked over rows: one (chunk, V_T)
     float32 copy alive at a time, never (R, V_T). With identical tokenizers V∩ is the whole
     vocabulary, so the mass is 1 without reading the logits."""
-    device = batch.teacher.logits.device
+    teacher = batch.teacher
+    device = teacher.logits.device
     if batch.vocab.identity:
         return torch.ones(len(rows), dtype=torch.float32, device=device)
-    teacher_ids = batch.vocab.teacher_ids.to(device)
+    shared_columns = teacher.column(batch.vocab.teacher_ids.to(device))  # (|V∩|,)
     tau = loss.temperature
 
     def chunk_mass(sl: slice) -> torch.Tensor:  # (r,)
-        zt = batch.teacher.logits[rows.teacher_pos[sl]].float() / tau  # (r, V_T)
-        shared = torch.logsumexp(zt[:, teacher_ids], dim=-1)  # (r,)
-        return torch.exp(shared - torch.logsumexp(zt, dim=-1)).clamp(max=1.0)
+        pos = rows.teacher_pos[sl]
+        zt = teacher.logits[pos].float() / tau  # (r, V_T), or (r, C) on a restricted side
+        shared = torch.logsumexp(zt[:, shared_columns], dim=-1)  # (r,)
+        # a restricted side's columns are not the whole vocabulary: its normaliser comes with it
+        total = teacher.log_normaliser(pos, tau) if teacher.restricted else torch.logsumexp(zt, dim=-1)
+        return torch.exp(shared - total).clamp(max=1.0)
 
     with torch.no_grad():  # a diagnostic: chunked() then runs the chunks plainly, no checkpoints
         return chunked(len(rows), loss.chunk_rows, chunk_mass)
@@ -264,17 +334,18 @@ def shared_vocab_logits(
     rows: Rows, batch: ScoredBatch, sl: slice
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Student and teacher logits over V∩ at the anchors of rows[sl]: two (r, |V∩|) tensors."""
-    zs = batch.student.logits[rows.student_pos[sl]]  # (r, V_S)
-    zt = batch.teacher.logits[rows.teacher_pos[sl]]  # (r, V_T)
-    if batch.vocab.identity:
+    student, teacher = batch.student, batch.teacher
+    zs = student.logits[rows.student_pos[sl]]  # (r, V_S)
+    zt = teacher.logits[rows.teacher_pos[sl]]  # (r, V_T), or (r, C) on a restricted side
+    if batch.vocab.identity and not (student.restricted or teacher.restricted):
         return zs, zt
-    return zs[:, batch.vocab.student_ids], zt[:, batch.vocab.teacher_ids]
+    return zs[:, student.column(batch.vocab.student_ids)], zt[:, teacher.column(batch.vocab.teacher_ids)]
 
 
 def unit_logprobs(side: ScoredSide, members: torch.Tensor, member_row: torch.Tensor, rows: int,
                   temperature: float) -> torch.Tensor:  # fmt: skip
     """Σ of log π(token) over each row's member tokens, full vocabulary: (rows,)."""
-    token_lp = losses.token_logprobs(side.logits[members], side.ids[members], temperature)
+    token_lp = side.token_logprobs(members, temperature)  # (M,)
     return torch.zeros(rows, dtype=token_lp.dtype, device=token_lp.device).index_add(
         0, member_row, token_lp
     )

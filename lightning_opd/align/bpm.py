@@ -86,6 +86,7 @@ from lightning_opd.align.base import (
     chunked,
     range_members,
     register_aligner,
+    require_full_vocabulary,
 )
 from lightning_opd.align.projection import Projection, projection_of
 from lightning_opd.config import LossConfig
@@ -243,6 +244,8 @@ class BPMAligner(Aligner):
         return fn
 
     def _target_of(self, rows: BPMRows, batch: ScoredBatch, temperature: float):
+        # every teacher id's probability is projected: a full side (teacher_columns is None)
+        require_full_vocabulary(batch.teacher, self.name)
         tau = temperature
         zt_all = batch.teacher.logits
         zt_ref = weakref.ref(zt_all)  # the returned function must not keep the logits alive

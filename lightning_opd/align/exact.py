@@ -25,6 +25,8 @@ full-vocabulary OPD.
 
 from __future__ import annotations
 
+import torch
+
 from lightning_opd.align.base import (
     Aligner,
     BatchSegments,
@@ -33,6 +35,8 @@ from lightning_opd.align.base import (
     one_to_one_rows,
     register_aligner,
 )
+from lightning_opd.align.vocab import SharedVocab
+from lightning_opd.config import LossConfig
 
 
 @register_aligner("exact")
@@ -43,3 +47,10 @@ class ExactAligner(Aligner):
         """Rows at the closing pair (s_hi-1, t_hi-1) of every segment that closes on a 1:1
         match: R ≤ G rows, each with one member token per side."""
         return one_to_one_rows(seg)
+
+    def teacher_columns(self, vocab: SharedVocab, loss: LossConfig) -> torch.Tensor | None:
+        """V∩_T: the full form and `teacher_mass` read the teacher's V∩ logits at the anchors, the
+        sampled form (and SOD) the response tokens' own log-probabilities, which the scorer
+        always keeps with the full-vocabulary normaliser. None with identical tokenizers, where
+        V∩ is the whole vocabulary."""
+        return None if vocab.identity else vocab.teacher_ids

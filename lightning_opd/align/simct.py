@@ -73,6 +73,7 @@ from lightning_opd.config import LossConfig
 
 if TYPE_CHECKING:
     from lightning_opd.align.pairing import TokenizerPair
+    from lightning_opd.align.vocab import SharedVocab
 
 
 def span_slot(side: ScoredSide, members: torch.Tensor, member_row: torch.Tensor,
@@ -88,11 +89,10 @@ def span_slot(side: ScoredSide, members: torch.Tensor, member_row: torch.Tensor,
     pos, row = members.to(device)[in_span], member_row[in_span]  # (Ms,)
     if span_logit == "mean_logit":
         # two index tensors pick one logit per member: (Ms,), no (Ms, V) copy
-        values = side.logits[pos, side.ids[pos]].float()
-    else:  # (chunk, V) float32 at a time for the logsumexp
+        values = side.logits[pos, side.column(side.ids[pos])].float()
+    else:  # (chunk, V) float32 at a time for the logsumexp (a restricted side has it stored)
         values = chunked(
-            len(pos), chunk_rows,
-            lambda sl: temperature * losses.token_logprobs(side.logits[pos[sl]], side.ids[pos[sl]], temperature),
+            len(pos), chunk_rows, lambda sl: temperature * side.token_logprobs(pos[sl], temperature)
         )  # fmt: skip
     n_rows = len(is_span)
     sums = torch.zeros(n_rows, dtype=torch.float32, device=device).index_add(0, row, values)
@@ -102,7 +102,7 @@ def span_slot(side: ScoredSide, members: torch.Tensor, member_row: torch.Tensor,
 
 def log_normaliser(side: ScoredSide, positions: torch.Tensor, temperature: float) -> torch.Tensor:
     """logsumexp(z_p / τ) over the full vocabulary at each position, (r, 1) float32."""
-    return torch.logsumexp(side.logits[positions].float() / temperature, dim=-1, keepdim=True)
+    return side.log_normaliser(positions, temperature)[:, None]
 
 
 @register_aligner("simct")
@@ -118,6 +118,12 @@ class SimCTAligner(Aligner):
 
     def build_rows(self, seg: BatchSegments, batch: ScoredBatch | None = None) -> Rows:
         return rows_from_segments(seg)  # every segment, anchored at its first tokens
+
+    def teacher_columns(self, vocab: SharedVocab, loss: LossConfig) -> torch.Tensor | None:
+        """V∩_T: the rows' V∩ part and `teacher_mass` read V∩ at the anchors; the span slot reads
+        the span tokens' own logits (response tokens, always kept) and, for `mean_logprob`, the
+        full-vocabulary normaliser (always computed). None with identical tokenizers (V∩ = V)."""
+        return None if vocab.identity else vocab.teacher_ids
 
     def span_slots(self, rows: Rows, batch: ScoredBatch,
                    loss: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -157,19 +163,15 @@ class SimCTAligner(Aligner):
         if batch.vocab.identity:  # V∩ is the whole vocabulary: nothing is left for the slot
             return mass
         teacher = batch.teacher
-        in_shared = torch.zeros(teacher.logits.shape[-1], dtype=torch.bool, device=mass.device)
-        in_shared[batch.vocab.teacher_ids.to(mass.device)] = True  # (V_T,) membership of V∩_T
         span_rows = torch.nonzero(rows.is_span.to(mass.device)).flatten()  # (Rs,)
         anchor_pos = rows.teacher_pos.to(mass.device)[span_rows]  # (Rs,)
         anchor_ids = teacher.ids[anchor_pos]  # (Rs,) t_a
-        outside = ~in_shared[anchor_ids]  # (Rs,) only these add mass
+        outside = ~torch.isin(anchor_ids, batch.vocab.teacher_ids.to(mass.device))  # (Rs,) only these add mass
         span_rows, anchor_pos = span_rows[outside], anchor_pos[outside]
-        anchor_ids = anchor_ids[outside]
         tau = loss.temperature
-        with torch.no_grad():  # log q(t_a) from (chunk, V_T) float32 at a time
+        with torch.no_grad():  # log q(t_a) from (chunk, V_T) float32 at a time (restricted: stored)
             anchor_lp = chunked(
-                len(anchor_pos), loss.chunk_rows,
-                lambda sl: losses.token_logprobs(teacher.logits[anchor_pos[sl]], anchor_ids[sl], tau),
+                len(anchor_pos), loss.chunk_rows, lambda sl: teacher.token_logprobs(anchor_pos[sl], tau)
             )  # fmt: skip
         return mass.index_add(0, span_rows, anchor_lp.float().exp()).clamp(max=1.0)
 

@@ -49,11 +49,13 @@ from lightning_opd.align.base import (
     chunked,
     one_to_one_rows,
     register_aligner,
+    require_full_vocabulary,
 )
 from lightning_opd.config import LossConfig
 
 if TYPE_CHECKING:
     from lightning_opd.align.pairing import TokenizerPair
+    from lightning_opd.align.vocab import SharedVocab
 
 
 def sorted_probs(logits: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
@@ -88,7 +90,14 @@ class ULDAligner(Aligner):
         # that start apart is not one (BatchSegments.closes_on_match)
         return one_to_one_rows(seg)
 
+    def teacher_columns(self, vocab: SharedVocab, loss: LossConfig) -> torch.Tensor | None:
+        """None for the full form: the sorted comparison takes the top-k of the teacher's whole
+        softmax. The sampled form reads only the response tokens' log-probabilities, and the
+        teacher mass is 1 without logits: no other column."""
+        return torch.zeros(0, dtype=torch.long) if loss.form == "sampled" else None
+
     def full_row_losses(self, rows: Rows, batch: ScoredBatch, loss: LossConfig) -> torch.Tensor:
+        require_full_vocabulary(batch.teacher, self.name)
         top_k, weight = self.options.uld_top_k, self.options.uld_weight
 
         def chunk_losses(sl: slice) -> torch.Tensor:  # (r,): at most (r, V) float32 per side alive

@@ -2,7 +2,7 @@
 
     lightning-opd bench [--out results/bench.json] [--lengths 256,1024,4096,16384] [--quick] [--profile]
 
-Four measurements, each a function returning plain dicts (all in one JSON, and printed as tables):
+Five measurements, each a function returning plain dicts (all in one JSON, and printed as tables):
 
 (a) alignment — for every registered aligner (`align.ALIGNERS`) and real tokenizer pairs, the
     wall time of `align_batch` (the teacher tokenizes the text the student's ids spell, byte
@@ -28,6 +28,13 @@ Four measurements, each a function returning plain dicts (all in one JSON, and p
     on its own (`tokenizer.decode([id])`) and walk both token lists greedily, comparing the
     cumulative decoded strings. Same inputs, same batched teacher tokenization, and on this text
     the same segments (checked: `same_segments`), so the speed ratio compares equal work.
+(e) micro-batches — the peak resident memory of one step (`OPDModule.training_step` + backward)
+    on a fixed rollout of `micro_response_tokens`-token responses, tiny models on the loss pair's
+    tokenizers (so the logits, V ≈ 129k and 152k, are what fills memory), aligner `exact` (quick;
+    `micro_overrides`), for each batch size in `micro_batch_sizes`: unsplit
+    (`trainer.micro_batch_size=0`) and at `micro_batch` responses a time. Unsplit, the peak grows
+    with the batch; micro-batched it stays flat, at the same loss (`loss_rel_diff`). Large blocks
+    are mmapped and given back when freed (`mallopt`), so each point's peak is its own.
 
 Timings are the best of `repeats` runs after one untimed warm-up, wall clock (perf_counter): the
 cores are shared, and the best run is the least disturbed one; medians are in the JSON too.
@@ -81,6 +88,10 @@ class BenchSettings:
     step_overrides: tuple[str, ...] = ()
     step_repeats: int = 2
     profile: bool = False  # cProfile one more training step
+    micro_batch_sizes: tuple[int, ...] = (4, 8, 16)  # (e) batch sizes (responses); () = skip (e)
+    micro_batch: int = 2  # (e) trainer.micro_batch_size compared with 0 (unsplit)
+    micro_response_tokens: int = 32  # (e) student tokens per response
+    micro_overrides: tuple[str, ...] = ("aligner.name=exact",)  # (e) config overrides (exact: quick)
     seed: int = 0
 
 
@@ -453,6 +464,80 @@ def profile_rows(profiler: cProfile.Profile, top: int = 15) -> list[dict]:
     return sorted(rows, key=lambda r: -r["tottime_s"])[:top]
 
 
+# --- (e) micro-batches: the step's peak memory against the batch size --------------------------
+
+
+def give_back_freed_blocks() -> None:
+    """glibc: allocate blocks over 64 KiB with mmap and unmap them when freed (no dynamic
+    threshold), so that the resident set follows the live tensors (no effect elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def micro_batch_points(s: BenchSettings, student_tok, teacher_tok) -> list[dict]:
+    """(e): peak memory of one step, unsplit and micro-batched, at each batch size (module docstring)."""
+    from lightning_opd.config import TinyModelConfig, load
+    from lightning_opd.data import build_task
+    from lightning_opd.models import tiny_model
+    from lightning_opd.module import OPDModule
+    from lightning_opd.rollout.generate import Rollout
+
+    give_back_freed_blocks()
+    cfg = load(overrides=["data.val_size=4", "rollout.samples_per_prompt=1", *s.micro_overrides])
+    task = build_task(cfg.data)
+    tiny = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    student, teacher = tiny_model(tiny, student_tok, seed=s.seed), tiny_model(tiny, teacher_tok, seed=s.seed + 1)
+
+    class FixedRollout(OPDModule):  # the same responses whatever the student would sample; metrics kept
+        def rollout(self, prompts, greedy=False):
+            ids = [responses[b] for b in range(len(prompts))]
+            return Rollout(prompts, ids, [True] * len(ids), list(range(len(ids))))
+
+        def _log_train(self, values: dict, batch_size: int) -> None:
+            self.last_values = {k: float(v) for k, v in values.items()}
+
+    module = FixedRollout(cfg, student, teacher, student_tok, teacher_tok, task)
+    module.train()
+    pair = module.pair
+    biggest = max(s.micro_batch_sizes)
+    responses = [response_ids(pair, s.micro_response_tokens, s.seed + b) for b in range(biggest)]
+    examples = [task.example(b) for b in range(biggest)]
+    v_s, v_t = len(student_tok), len(teacher_tok)
+    out, unsplit_loss = [], {}
+    # micro-batched points first: a later, larger point never reuses memory an earlier one freed
+    for micro in (s.micro_batch, 0):
+        for batch in s.micro_batch_sizes:
+            module.cfg.trainer.micro_batch_size = micro
+            module._zero_student_grads()
+            with PeakMemory() as memory:
+                start = time.perf_counter()
+                loss = module.training_step(examples[:batch], 0)
+                loss.backward()
+                seconds = time.perf_counter() - start
+            del loss
+            tokens = sum(len(ids) + 1 for ids in responses[:batch])
+            at_once = min(batch, micro or batch)  # responses scored together
+            logits = (at_once * (s.micro_response_tokens + 1)) * (v_s + v_t) * 4  # fp32, both sides, one pass
+            value = module.last_values["train/loss"]
+            out.append({"batch": batch, "micro_batch_size": micro, "tokens": tokens, "seconds": seconds,
+                        "peak_mb": None if memory.delta is None else memory.delta / 2**20,
+                        "logits_mb_per_pass": logits / 2**20, "loss": value,
+                        "student_vocab": v_s, "teacher_vocab": v_t})  # fmt: skip
+            if micro == 0:
+                unsplit_loss[batch] = value
+    for row in out:  # the micro-batched step's loss is the unsplit step's
+        row["loss_rel_diff"] = abs(row["loss"] - unsplit_loss[row["batch"]]) / max(abs(unsplit_loss[row["batch"]]), 1e-12)
+    module._zero_student_grads()
+    return sorted(out, key=lambda r: (r["micro_batch_size"] != 0, r["batch"]))
+
+
 # --- targets, tables, command -------------------------------------------------------------------
 
 
@@ -525,6 +610,12 @@ def run_bench(s: BenchSettings, tokenizers: dict | None = None, log=print) -> di
     if s.step_config:
         log(f"[bench] (c) one training step of {s.step_config}")
         result["step"] = step_point(s)
+    if s.micro_batch_sizes:  # last: it changes how this process returns freed memory
+        log(f"[bench] (e) micro-batches: peak memory of a step, {s.loss_pair[0]} -> {s.loss_pair[1]}")
+        result["micro_batch"] = micro_batch_points(s, tok(s.loss_pair[0], "student"), tok(s.loss_pair[1], "teacher"))
+        for r in result["micro_batch"]:
+            log(f"[bench] (e) batch {r['batch']:>3}, micro_batch_size {r['micro_batch_size']}: peak "
+                f"{r['peak_mb'] or 0:.0f} MB, {r['seconds']:.2f} s, loss {r['loss']:.5f}")  # fmt: skip
     result["targets"] = targets(result)
     result["load_average_end"] = os.getloadavg()
     result["seconds"] = time.perf_counter() - start

@@ -242,7 +242,10 @@ def model_shape(cfg: Config, role: str) -> ModelShape:
     config.json (local folder, HF cache, then `PUBLISHED`)."""
     model = getattr(cfg, role)
     if model.path:
-        found = find_config_json(model.path)
+        from lightning_opd.gguf_models import local_model_path
+
+        # a GGUF spec: its converted folder (converted once into run.cache_dir, as train would)
+        found = find_config_json(local_model_path(model.path, cfg.run.cache_dir, setting=f"{role}.path") or "")
         if found is not None:
             raw = json.loads(found.read_text(encoding="utf-8"))
             return shape_from_hf_config(model.path, raw, str(found))

@@ -23,6 +23,11 @@ seconds spent in `trainer.fit` (validation included, preparation excluded). `cur
 two panels, coverage and greedy accuracy against the OPD step, one line per variant (the mean
 over seeds at the steps all its seeds logged), labelled as the table's rows.
 
+`profile.png` (only when some runs wrote `sod_steps.rank*.jsonl`: SOD, or `sod.record`): the
+per-step divergence profile, mean d_k against the step index k (1 = the text before the first
+tool call), over the trajectories of the first and of the last tenth of the training steps
+(`PROFILE_FRACTION`), one line per variant (its seeds' trajectories pooled).
+
     lightning-opd report results/default/aligner --out results/default/aligner
 """
 
@@ -367,8 +372,87 @@ def plot_curves(runs: Sequence[RunRecord], path: str | Path, title: str = "") ->
     return path
 
 
+PROFILE_FRACTION = 0.1  # profile.png: the first and the last tenth of the training steps
+PROFILE_MIN_SHARE = 0.05  # a step index is drawn where at least this share of trajectories reach it
+
+
+def load_step_records(run_dir: str | Path) -> list[dict]:
+    """The run's per-trajectory step records ({"step", "sequence", "d": [d_1..d_K], "w": [...]}),
+    every rank's `sod_steps.rank*.jsonl`; [] when it wrote none (SOD off without `sod.record`)."""
+    records = []
+    for path in sorted(Path(run_dir).glob("sod_steps.rank*.jsonl")):
+        records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records
+
+
+def step_profile(records: Sequence[dict], fraction: float = PROFILE_FRACTION,
+                 min_share: float = PROFILE_MIN_SHARE) -> dict[str, tuple[list[int], list[float], list[int]]]:  # fmt: skip
+    """Mean d_k per step index k (1-based) at the start and the end of training.
+
+    "start" pools the trajectories of the first `fraction` of the logged training steps (at least
+    one step), "end" those of the last. Returns {"start"|"end": (k, mean d_k, trajectories with a
+    step k)}, k only where at least `min_share` of the window's trajectories have a step k."""
+    if not records:
+        return {}
+    steps = sorted({int(r["step"]) for r in records})
+    span = max(1, round(fraction * len(steps)))
+    windows = {"start": set(steps[:span]), "end": set(steps[-span:])}
+    out = {}
+    for name, chosen in windows.items():
+        sums: dict[int, float] = {}
+        counts: dict[int, int] = {}
+        n = 0
+        for r in records:
+            if int(r["step"]) not in chosen:
+                continue
+            n += 1
+            for k, d in enumerate(r["d"], start=1):
+                sums[k] = sums.get(k, 0.0) + float(d)
+                counts[k] = counts.get(k, 0) + 1
+        ks = [k for k in sorted(sums) if counts[k] >= min_share * n]
+        out[name] = (ks, [sums[k] / counts[k] for k in ks], [counts[k] for k in ks])
+    return out
+
+
+def plot_profile(runs: Sequence[RunRecord], path: str | Path, title: str = "") -> Path | None:
+    """profile.png: mean d_k against step index k, at the start (left) and at the end (right) of
+    training, one line per variant (its seeds' trajectories pooled). None, and no file, when no
+    run has step records."""
+    profiles = {}
+    for variant, group in group_by_variant(runs).items():
+        records = [r for run in group for r in load_step_records(run.path)]
+        if records:
+            profiles[variant] = step_profile(records)
+    path = Path(path)
+    if not profiles:
+        path.unlink(missing_ok=True)  # not one left from an earlier report of other runs
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, window in zip(axes, ("start", "end"), strict=True):
+        for variant, profile in profiles.items():
+            ks, d, _ = profile[window]
+            ax.plot(ks, d, marker="o", label=variant)
+        ax.set(xlabel="step k (text between tool calls)", title=f"{window} of training")
+        ax.set_xticks(sorted({k for p in profiles.values() for k in p[window][0]}))
+    axes[0].set_ylabel("mean d_k = mean |log pi_S - log pi_T|")
+    axes[1].legend(fontsize=8, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def write_report(runs: Sequence[RunRecord], out_dir: str | Path, title: str = "") -> tuple[Path, Path]:
-    """table.md and curves.png in out_dir; returns their paths."""
+    """table.md and curves.png in out_dir, and profile.png when runs recorded their step
+    divergences (`plot_profile`); returns the paths of table.md and curves.png."""
     if not runs:
         raise ValueError("no finished runs to report")
     out_dir = Path(out_dir)
@@ -376,6 +460,7 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, title: str = ""
     table = out_dir / "table.md"
     heading = f"# {title}\n\n" if title else ""
     table.write_text(heading + markdown_table(summarise(runs)))
+    plot_profile(runs, out_dir / "profile.png", title)
     return table, plot_curves(runs, out_dir / "curves.png", title)
 
 
@@ -398,5 +483,7 @@ def run_report(args: argparse.Namespace) -> int:
         print(f"lightning-opd report: {err}", file=sys.stderr)
         return 2
     print(table.read_text(), end="")
-    print(f"wrote {table} and {plot} ({len(runs)} runs)")
+    profile = table.parent / "profile.png"
+    extra = f" and {profile}" if profile.is_file() else ""
+    print(f"wrote {table} and {plot}{extra} ({len(runs)} runs)")
     return 0

@@ -36,7 +36,10 @@ __all__ = [
     "register_task",
     "split_reference",
 ]
-from . import tool_task  # noqa: F401,E402  (registers arith_tool)
+from . import (
+    chain_tool_task,  # noqa: F401,E402  (registers chain_tool)
+    tool_task,  # noqa: F401,E402  (registers arith_tool)
+)
 
 
 def _check_task_name(cfg: Config) -> None:

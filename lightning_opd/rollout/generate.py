@@ -2,6 +2,8 @@
 
 Prompts are rendered with the model's own chat template and left-padded, so every response
 starts at the same column; `generate` samples with a KV cache until EOS or `max_new_tokens`.
+Which cache (`rollout.cache`: dynamic or static) and how many CPU threads decode
+(`rollout.cpu_threads`, `rollout_threads`) change the speed, not the tokens.
 A response is cut after its first EOS; the masks tell prompt, response and padding apart.
 
 Scoring lays each sequence out as [left padding | prompt | response | right padding], with
@@ -11,11 +13,16 @@ predict response tokens (never the prompt's): `response_logits` returns them pac
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from lightning_opd.config import RolloutConfig
+
+if TYPE_CHECKING:
+    from lightning_opd.align.columns import ColumnHead
 
 
 @dataclass
@@ -49,6 +56,42 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+_OPENMP = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+@contextlib.contextmanager
+def rollout_threads(cfg: RolloutConfig, model: torch.nn.Module):
+    """torch's intra-op threads set to `cfg.cpu_threads` while a model on the CPU generates, and
+    restored afterwards (0, a model on another device, or a torch without OpenMP: unchanged).
+
+    Decoding is one forward pass per token over a handful of rows; each op is microseconds of
+    work, and where the cores are shared every parallel region waits a scheduler slice for its
+    other threads. Measured on 2 busy cores (docs/performance.md, "Rollout: KV cache and
+    threads"): the tiny default's untrained student answering 64 prompts took 0.7-1.1 s with
+    one thread and 4.9-24 s with two, the same tokens."""
+    threads = cfg.cpu_threads
+    before = torch.get_num_threads()
+    if threads <= 0 or threads == before or not _OPENMP or _device(model).type != "cpu":
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def cache_kwargs(cfg: RolloutConfig) -> dict:
+    """HF `generate` arguments of `rollout.cache`: none for the dynamic cache (HF's default),
+    `cache_implementation="static"` for a cache preallocated to prompt + max_new_tokens."""
+    return {} if cfg.cache == "dynamic" else {"cache_implementation": cfg.cache}
+
+
 def sampling_kwargs(cfg: RolloutConfig, greedy: bool) -> dict:
     """HF `generate` arguments of the decoding rule: argmax, or sampling at cfg's temperature
     and top-p with no top-k cut. `rollout.temperature: 0` means argmax, as in vLLM (HF's sampler
@@ -72,6 +115,8 @@ def generate(
     """Sample `cfg.samples_per_prompt` responses per prompt (greedy: one, argmax).
 
     The model is put in eval mode for sampling and returned to its previous mode afterwards.
+    `cfg.cache` picks the KV cache (`cache_kwargs`); the thread count is the caller's
+    (`tools.sample_responses` wraps every rollout in `rollout_threads`).
     """
     was_training = model.training
     model.eval()
@@ -88,6 +133,7 @@ def generate(
             pad_token_id=pad_id,
             use_cache=True,
             synced_gpus=synced_gpus,
+            **cache_kwargs(cfg),
             **sampling_kwargs(cfg, greedy),
         )
     finally:
@@ -104,13 +150,16 @@ def generate(
 
 
 def response_logits(
-    model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], pad_id: int
+    model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+    head: ColumnHead | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits predicting each response token, packed over the batch.
 
     prompts, responses: B lists of ids (responses include EOS where there is one).
     Returns (logits (N, V), ids (N,), offsets (B+1,)), N = total response tokens; sequence b
     owns packed positions offsets[b]:offsets[b+1]. Empty responses own no position.
+    head: restricted scoring (align/columns.py): the LM head computes only `head.columns`, and
+    the logits returned are (N, C), with the full-vocabulary normaliser left on `head`.
     """
     device = next(model.parameters()).device
     p_ids, p_mask = left_pad(prompts, pad_id)  # (B, P)
@@ -124,10 +173,13 @@ def response_logits(
     mask = torch.cat([p_mask, r_mask], 1).to(device)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     # positions P-1 .. P+R-2 predict the response tokens: the last R+1 columns minus the final one
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=width + 1,
-                use_cache=False)  # scoring needs no KV cache; with one, a layer recomputed by activation checkpointing appends to it twice and backward fails
-    logits = out.logits[:, :-1]  # (B, R, V)
     keep = r_mask.bool().to(device)
+    with head.installed(model, keep) if head is not None else contextlib.nullcontext():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=width + 1,
+                    use_cache=False)  # scoring needs no KV cache; with one, a layer recomputed by activation checkpointing appends to it twice and backward fails
     lengths = torch.tensor([len(r) for r in responses], dtype=torch.long)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    if head is not None and head.logits is not None:  # the head's hook ran: (N, C) already packed
+        return head.logits, r_ids.to(device)[keep], offsets
+    logits = out.logits[:, :-1]  # (B, R, V)
     return logits[keep], r_ids.to(device)[keep], offsets

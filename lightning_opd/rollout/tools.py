@@ -64,7 +64,13 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from lightning_opd.config import RolloutConfig, SandboxConfig, ToolsConfig
-from lightning_opd.rollout.generate import Rollout, generate, left_pad, sampling_kwargs
+from lightning_opd.rollout.generate import (
+    Rollout,
+    generate,
+    left_pad,
+    rollout_threads,
+    sampling_kwargs,
+)
 from lightning_opd.rollout.sandbox import ToolResult, run_python_batch
 
 FORMATS = ("fenced", "hermes")
@@ -504,13 +510,15 @@ def sample_responses(model, tokenizer, prompt_ids: list[list[int]], rollout_cfg:
                      synced_gpus: bool = False) -> Rollout:  # fmt: skip
     """The one place that picks the rollout: with the interpreter when `tools_cfg.enabled`,
     else plain `generate` (training and validation both come through here); a colocated vLLM
-    engine when `rollout.engine=vllm` (GPU only, see vllm_engine.py)."""
+    engine when `rollout.engine=vllm` (GPU only, see vllm_engine.py). HF rollouts of a model on
+    the CPU run with `rollout.cpu_threads` torch threads (`generate.rollout_threads`)."""
     if rollout_cfg.engine == "vllm":
         from lightning_opd.rollout.vllm_engine import vllm_sample
 
         return vllm_sample(model, tokenizer, prompt_ids, rollout_cfg, tools_cfg, greedy=greedy)
     ids = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
-    if tools_cfg is not None and tools_cfg.enabled:
-        return generate_with_tools(model, tokenizer, prompt_ids, rollout_cfg, tools_cfg, greedy=greedy,
-                                   synced_gpus=synced_gpus, **ids)
-    return generate(model, prompt_ids, rollout_cfg, greedy=greedy, synced_gpus=synced_gpus, **ids)
+    with rollout_threads(rollout_cfg, model):
+        if tools_cfg is not None and tools_cfg.enabled:
+            return generate_with_tools(model, tokenizer, prompt_ids, rollout_cfg, tools_cfg, greedy=greedy,
+                                       synced_gpus=synced_gpus, **ids)
+        return generate(model, prompt_ids, rollout_cfg, greedy=greedy, synced_gpus=synced_gpus, **ids)
