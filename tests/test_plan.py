@@ -169,3 +169,92 @@ def test_cli_plans_each_paper_config_offline(name, capsys):
 def test_unknown_hub_model_is_a_config_error(capsys):
     assert main(["plan", str(DEFAULT), "student.path=nobody/unknown-model"]) == 2
     assert "huggingface-cli download nobody/unknown-model config.json" in capsys.readouterr().err
+
+
+def test_micro_batches_scale_the_scored_parts_with_m_not_s():
+    """trainer.micro_batch_size=1 of S = 4: the logits, their gradient, the loss, the teacher's
+    forward and the student's activations are one sequence's (M = 1, N = 16 positions); the
+    rollout's KV cache and the weights stay the whole batch's."""
+    whole, p = tiny_plan().parts, tiny_plan("trainer.micro_batch_size=1")
+    s, parts = p.setting, p.parts
+    M, T, N = 1, 24, 16
+    assert (s.sequences, s.micro_sequences, s.micro_positions) == (4, M, N)
+    assert parts.rollout_kv_cache == whole.rollout_kv_cache == 2 * 2 * 64 * 4 * T * 4  # all S sequences
+    assert parts.held == whole.held
+    mask = M * T * T * 4
+    assert parts.teacher_scoring == M * T * 4 * (2 * 64 + 3 * 256) + mask + M * 17 * 419 * 4
+    assert parts.teacher_logits == N * 419 * 4
+    assert parts.student_logits == N * 320 * 4
+    assert parts.student_logits_grad == 2 * N * 320 * 4
+    assert parts.loss == 8 * N * 320 * 4  # one chunk of N = 16 rows
+    per_layer = M * T * (2 * 12 * 64 + 4 * (5 * 64 + 4 * 256))
+    assert parts.activations == 2 * per_layer + M * T * 8 * 64 + N * 4 * 64 + mask
+    for name in ("teacher_logits", "student_logits", "student_logits_grad", "loss"):
+        assert getattr(parts, name) * 4 == getattr(whole, name), name  # M = S / 4
+    # m >= S is the whole batch
+    assert tiny_plan("trainer.micro_batch_size=4").parts == tiny_plan("trainer.micro_batch_size=9").parts == whole
+    two = tiny_plan("trainer.micro_batch_size=2").parts
+    assert two.student_logits == 2 * parts.student_logits and two.total < whole.total
+    assert any("micro_batch_size=1" in note for note in p.notes)
+
+
+def test_advice_offers_micro_batches_first_when_the_batch_does_not_fit():
+    one, whole = tiny_plan("trainer.micro_batch_size=1").parts.total, tiny_plan().parts.total
+    budget_gib = (one + (whole - one) / 2) / plan.GIB  # one sequence at a time fits, the whole batch not
+    p = tiny_plan(gpu_memory=budget_gib)
+    assert not p.fits
+    first = p.suggestions[0]
+    assert set(first.overrides) == {"trainer.micro_batch_size"} and "trainer.micro_batch_size=" in first.text
+    m = first.overrides["trainer.micro_batch_size"]
+    assert 1 <= m < 4 and first.total <= budget_gib * plan.GIB
+    assert tiny_plan(f"trainer.micro_batch_size={m}", gpu_memory=budget_gib).fits
+    if m + 1 < 4:  # the largest that fits
+        assert not tiny_plan(f"trainer.micro_batch_size={m + 1}", gpu_memory=budget_gib).fits
+    assert plan.valid_change(load(DEFAULT, overrides=TINY), first.overrides)
+    assert "trainer.micro_batch_size" in plan.format_plan(p)
+
+
+def test_restricted_teacher_columns_shrink_the_teacher_logits_for_exact_not_bpm():
+    """exact declares V∩ (bound min(V_s, V_t) = 320 without the tokenizers, or --shared-vocab):
+    C = min(V_t, |V∩| + N) columns + a float32 normaliser per position; bpm reads every column."""
+    N, V_t = 64, 419
+    full = tiny_plan("aligner.name=exact", "loss.restrict_teacher_columns=false").parts
+    assert full.teacher_logits == N * V_t * 4 and full.teacher_check == 0
+    exact = tiny_plan("aligner.name=exact")
+    s, parts = exact.setting, exact.parts
+    assert (s.teacher_columns, s.teacher_width) == (320, min(V_t, 320 + N)) == (320, 384)
+    assert parts.teacher_logits == N * 384 * 4 + 4 * N < full.teacher_logits
+    working, mask = 4 * 24 * 4 * (2 * 64 + 3 * 256), 4 * 24 * 24 * 4
+    # hidden states at the response positions, one (64, V_t) block + its float32 copy and logsumexp temporary
+    assert parts.teacher_scoring == working + mask + N * 64 * 4 + N * V_t * (4 + 8)
+    assert parts.teacher_check == 17 * V_t * 4 + 16 * V_t * 8  # one response's full forward, first step
+    assert any("min(V_s, V_t) = 320" in note for note in exact.notes)
+    given = plan.make_plan(load(DEFAULT, overrides=[*TINY, "aligner.name=exact"]), 80.0, prompt_tokens=8, shared_vocab=100)
+    assert given.parts.teacher_logits == N * (100 + N) * 4 + 4 * N
+    alm = tiny_plan("aligner.name=alm").parts  # only the response tokens' ids
+    assert alm.teacher_logits == N * N * 4 + 4 * N
+    for flag in ("true", "false"):  # bpm: the whole vocabulary either way
+        bpm = tiny_plan("aligner.name=bpm", f"loss.restrict_teacher_columns={flag}")
+        assert bpm.setting.teacher_columns is None and bpm.parts.teacher_logits == N * V_t * 4
+        assert bpm.parts.teacher_check == 0
+
+
+def test_identical_tokenizers_score_exact_over_the_full_vocabulary():
+    same = tiny_plan("aligner.name=exact", "student.tokenizer.source=fixture:gpt2", "teacher.tokenizer.source=fixture:gpt2")
+    assert same.setting.teacher_columns is None and any("V∩ = V" in note for note in same.notes)
+    shapes = plan.PUBLISHED["Qwen/Qwen3-0.6B"], plan.PUBLISHED["Qwen/Qwen3-4B"]
+    sod = load(ROOT / "configs" / "experiment" / "sod_qwen3.yaml")
+    assert plan.tokenizers_identical(sod, *shapes)  # one tokenizer family in the built-in table
+    assert not plan.tokenizers_identical(sod, plan.PUBLISHED["google/gemma-2-2b-it"], shapes[1])
+
+
+def test_cli_shared_vocab_shrinks_a_paper_config(capsys):
+    path = str(ROOT / "configs" / "experiment" / "simct_qwen7b_gemma2b.yaml")
+    assert main(["plan", path, "--json"]) == 0
+    bound = json.loads(capsys.readouterr().out)
+    assert main(["plan", path, "--json", "--shared-vocab", "90000"]) == 0
+    given = json.loads(capsys.readouterr().out)
+    n = 8 * 4096
+    assert bound["parts_bytes"]["teacher_logits"] == n * 152_064 * 2 + 4 * n  # bound: min(256,000, 152,064)
+    assert given["parts_bytes"]["teacher_logits"] == n * (90_000 + n) * 2 + 4 * n
+    assert main(["plan", path, "--shared-vocab", "-1"]) == 2

@@ -1,8 +1,9 @@
-"""`lightning-opd plan CONFIG... [key=value...] [--gpu-memory 80] [--prompt-tokens N] [--json]`:
+"""`lightning-opd plan CONFIG... [key=value...] [--gpu-memory 80] [--prompt-tokens N] [--shared-vocab N] [--json]`:
 the per-device memory of a training run, part by part, before anything is downloaded or built.
 
     lightning-opd plan configs/experiment/simct_qwen7b_gemma2b.yaml --gpu-memory 80
     lightning-opd plan configs/experiment/default.yaml data.batch_size=8 --json
+    lightning-opd plan configs/experiment/simct_qwen7b_gemma2b.yaml trainer.micro_batch_size=2 --shared-vocab 90000
 
 Model sizes come from the config: a tiny model from `student/teacher.tiny.*` and its tokenizer's
 vocabulary (a trained tokenizer has `vocab_size` + 256 byte tokens + its special tokens; any
@@ -14,7 +15,11 @@ Symbols (all per device): P parameters; L layers; h hidden size; q = heads·head
 k = kv_heads·head_dim the query and key widths; I the MLP width; V the vocabulary (logit width);
 S sequences per rank = `data.batch_size` × `rollout.samples_per_prompt`; T tokens per sequence =
 prompt (`--prompt-tokens`, default `data.max_prompt_tokens`, the longest prompt admitted) +
-R = `rollout.max_new_tokens`; N = S·R response positions (every response at full length);
+R = `rollout.max_new_tokens`; M the sequences scored and back-propagated together: m =
+`trainer.micro_batch_size` when 0 < m < S, else S (OPDModule, "Micro-batches": the batch is
+rolled out whole, then scored, aligned and back-propagated m responses at a time, each
+micro-batch's tensors freed before the next; the gradients accumulate in the parameters' own,
+counted once); N = M·R response positions of one micro-batch (every response at full length);
 p the parameters' bytes and c the compute bytes (activations, logits: 2 under bf16 precision or
 bf16/fp16 weights, else 4); W the world size `trainer.devices` × `trainer.num_nodes` under
 `fsdp`, else 1 for what is sharded. The teacher's tokens of a response are taken as many as the
@@ -30,21 +35,37 @@ student's (their ratio depends on the two tokenizers). Bytes:
 - teacher weights: P_t·p_t/W (frozen: no gradient, no optimizer state).
 - rollout KV cache (HF generate): 2·L·k·S·T·c. With `rollout.engine=vllm` the engine's pool is
   instead a fixed share of the GPU, `VLLM_GPU_MEMORY_UTILIZATION` (default 0.3), held throughout.
-- teacher scoring (no grad): the KV cache its forward keeps (`response_logits` runs the model
-  with HF's default `use_cache`; `SCORING_USES_CACHE`) 2·L_t·k_t·S·T·c_t, one layer's working
-  set S·T·(2h_t + 3I_t)·c_t, the attention mask, and the padded (S, R+1, V_t) output before
-  packing.
-- logits: the teacher's packed (N, V_t)·c_t and the student's (N, V_s)·c; the student's gradient
-  2·N·V_s·c (the gradient of the packed logits and the zero-filled logit-sized tensor that the
-  backward of indexing allocates). Today the whole per-rank batch's logits are held at once. A
-  final logit soft-cap (Gemma-2) keeps one more padded (S, R+1, V_s) tensor for the backward.
+- teacher scoring (no grad), per micro-batch: the KV cache its forward would keep under HF's
+  default `use_cache` (`SCORING_USES_CACHE`; `response_logits` passes use_cache=False, so 0)
+  2·L_t·k_t·M·T·c_t, one layer's working set M·T·(2h_t + 3I_t)·c_t, the attention mask, and
+  either the padded (M, R+1, V_t) output before packing (full vocabulary), or, with restricted
+  columns (below), the final hidden states at the response positions N·h_t·c_t, one
+  (chunk, V_t) block of the full-vocabulary matmul and its float32 copy and logsumexp temporary
+  chunk·V_t·(c_t + 8) (+ 4 at `loss.temperature` ≠ 1, + c_t for a logit soft-cap), chunk =
+  min(`loss.chunk_rows`, N) (align/columns.py), and on the first step the check of the
+  restriction against one response's full forward, (R+1)·V_t·c_t + R·V_t·max(c_t, 8) (its
+  padded and packed logits, or the packed ones and two float32 copies).
+- teacher columns (`loss.restrict_teacher_columns`, default on): an aligner that declares the
+  teacher columns it reads (`Aligner.teacher_columns`: V∩ for exact, simct, simct_1to1,
+  random_span; none for alm and uld's sampled form; bpm and uld's full form read every column)
+  gets the teacher's logits over C = min(V_t, D + N) columns (the D declared ones and the
+  response tokens' own ids, at most N) and a float32 normaliser per position: N·C·c_t + 4·N
+  instead of N·V_t·c_t. D = |V∩| needs both tokenizers, which the plan does not load: it is
+  `--shared-vocab` (as `lightning-opd align` prints it) or else the bound min(V_s, V_t) (V∩ is a
+  one-to-one map of ids). With tokenizers the config shows to be the same (one source, or
+  hub models of one tokenizer family in `PUBLISHED`) V∩ = V, and exact/simct score the full
+  vocabulary. The aligner is asked with a stand-in shared vocabulary, so what it declares is its own.
+- logits: the teacher's packed (N, C)·c_t as above and the student's (N, V_s)·c; the student's
+  gradient 2·N·V_s·c (the gradient of the packed logits and the zero-filled logit-sized tensor
+  that the backward of indexing allocates). A final logit soft-cap (Gemma-2) keeps one more
+  padded (M, R+1, V_s) tensor for the backward.
 - loss: full form, `LOSS_ROW_TENSORS` = 8 float32 (rows, U) tensors of one chunk of
   min(`loss.chunk_rows`, N) rows (one row per response position at most), U ≤ min(V_s, V_t) the
   shared vocabulary's bound; sampled form, not chunked, N·V_s·4 (the float32 logits that
   logsumexp keeps for backward) + N·V_s·c when c < 4 (the gathered 16-bit copy).
-- student activations of forward + backward, per layer and token: a count of the tensors that
-  HF's Llama-style decoder layer saves for backward with SDPA attention (checked with
-  `torch.autograd.graph.saved_tensors_hooks`). The standard 34·h + 5·a·s bytes (16-bit) of
+- student activations of forward + backward of one micro-batch (M sequences), per layer and
+  token: a count of the tensors that HF's Llama-style decoder layer saves for backward with SDPA
+  attention (checked with `torch.autograd.graph.saved_tensors_hooks`). The standard 34·h + 5·a·s bytes (16-bit) of
   Korthikanti et al. 2022 assumes a GeLU 4h MLP, multi-head attention and stored attention
   scores, none of which holds here, so:
       A = n_norm·(4 + 2c)·h + c·(5q + 4I)  [+ (4 + c)·(q + k): Qwen3's per-head q/k norms]
@@ -53,16 +74,19 @@ student's (their ratio depends on the two tokenizers). Bytes:
   repeated to every query head (q wide each), its output and the output projection's input
   (5q); the MLP keeps gate, up, act(gate) and their product (4I). Per sequence and layer, a
   model whose attention runs eagerly (Gemma-2) adds heads·T²·(4 + c [+ c]) (scores, float32
-  softmax, its cast [, the soft-cap's tanh]). Once per batch: the final norm (4 + c)·h per
-  token, the head's input c·h per response position, the 4-D attention mask S·T²·c, and the
-  KV cache of the scoring pass 2·L·k·S·T·c. Without checkpointing: S·T·L·A + those. With
-  (`trainer.activation_checkpointing`, applied only under `fsdp`): each layer keeps its input,
-  S·T·L·h·c, one layer at a time is recomputed, S·T·A, + those.
+  softmax, its cast [, the soft-cap's tanh]). Once per micro-batch: the final norm (4 + c)·h per
+  token, the head's input c·h per response position, the 4-D attention mask M·T²·c, and the
+  KV cache of the scoring pass 2·L·k·M·T·c (0: use_cache=False). Without checkpointing:
+  M·T·L·A + those. With (`trainer.activation_checkpointing`, applied only under `fsdp`): each
+  layer keeps its input, M·T·L·h·c, one layer at a time is recomputed, M·T·A, + those.
 - CUDA context and library workspaces: `CUDA_RESERVE` on a GPU (an assumption, not measured).
 
-Phases do not overlap: the rollout, the teacher's scoring, and the student's forward + loss +
-backward run one after the other (the gradients of the previous step are still allocated in all
-three: Lightning zeroes them after the step's forward), so the peak is the parts held throughout
+Phases do not overlap: the rollout (all S sequences), the teacher's scoring, and the student's
+forward + loss + backward (one micro-batch of M at a time) run one after the other (the
+gradients of the previous step are still allocated in all three: Lightning zeroes them after the
+step's forward; with micro-batches the step sets them to None at its start, and the first
+micro-batch's backward allocates them again, so they are counted as held either way), so the
+peak is the parts held throughout
 (weights, gradients, AdamW state, gathered FSDP units, teacher weights, CUDA reserve) plus the
 largest phase. The training phase sums the logits, their gradient, the loss and the activations,
 which is an upper bound: part of it is freed before the rest is allocated.
@@ -121,6 +145,7 @@ class ModelShape:
     attn_softcap: bool = False  # tanh soft-cap of the attention scores (Gemma-2)
     final_softcap: bool = False  # tanh soft-cap of the logits (Gemma-2)
     source: str = ""  # where the numbers come from
+    tokenizer: str = ""  # PUBLISHED: models with the same non-empty tag ship the same tokenizer
 
     @property
     def q_dim(self) -> int:
@@ -156,33 +181,34 @@ def parameters(m: ModelShape) -> int:
 # the parameter counts they give match the published sizes (7.62 B, 3.84 B, 2.61 B, 4.02 B,
 # 0.60 B, 1.72 B). Model-family details from transformers' modeling code: Qwen2 has q/k/v biases,
 # Qwen3 per-head q/k norms, Gemma-2 four norms per layer, soft-capped attention scores (50) and
-# logits (30), and runs eager attention (`_supports_sdpa = False`).
+# logits (30), and runs eager attention (`_supports_sdpa = False`). `tokenizer`: the Qwen3 models
+# ship one tokenizer (the same tokenizer.json; so the exact aligner scores the full vocabulary).
 PUBLISHED: dict[str, ModelShape] = {
     "Qwen/Qwen2.5-7B-Instruct": ModelShape(
         "Qwen/Qwen2.5-7B-Instruct", hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128,
         intermediate=18944, vocab=152064, tied=False, qkv_bias=True,
-        source="built-in table (huggingface.co/Qwen/Qwen2.5-7B-Instruct config.json)"),
+        source="built-in table (huggingface.co/Qwen/Qwen2.5-7B-Instruct config.json)", tokenizer="qwen2.5"),
     "microsoft/Phi-4-mini-instruct": ModelShape(
         "microsoft/Phi-4-mini-instruct", hidden=3072, layers=32, heads=24, kv_heads=8, head_dim=128,
         intermediate=8192, vocab=200064, tied=True,
-        source="built-in table (huggingface.co/microsoft/Phi-4-mini-instruct config.json)"),
+        source="built-in table (huggingface.co/microsoft/Phi-4-mini-instruct config.json)", tokenizer="phi4-mini"),
     "google/gemma-2-2b-it": ModelShape(
         "google/gemma-2-2b-it", hidden=2304, layers=26, heads=8, kv_heads=4, head_dim=256,
         intermediate=9216, vocab=256000, tied=True, norms_per_layer=4, eager_attention=True,
         attn_softcap=True, final_softcap=True,
-        source="built-in table (huggingface.co/google/gemma-2-2b-it config.json)"),
+        source="built-in table (huggingface.co/google/gemma-2-2b-it config.json)", tokenizer="gemma2"),
     "Qwen/Qwen3-4B": ModelShape(
         "Qwen/Qwen3-4B", hidden=2560, layers=36, heads=32, kv_heads=8, head_dim=128,
         intermediate=9728, vocab=151936, tied=True, qk_norm=True,
-        source="built-in table (huggingface.co/Qwen/Qwen3-4B config.json)"),
+        source="built-in table (huggingface.co/Qwen/Qwen3-4B config.json)", tokenizer="qwen3"),
     "Qwen/Qwen3-1.7B": ModelShape(
         "Qwen/Qwen3-1.7B", hidden=2048, layers=28, heads=16, kv_heads=8, head_dim=128,
         intermediate=6144, vocab=151936, tied=True, qk_norm=True,
-        source="built-in table (huggingface.co/Qwen/Qwen3-1.7B config.json)"),
+        source="built-in table (huggingface.co/Qwen/Qwen3-1.7B config.json)", tokenizer="qwen3"),
     "Qwen/Qwen3-0.6B": ModelShape(
         "Qwen/Qwen3-0.6B", hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128,
         intermediate=3072, vocab=151936, tied=True, qk_norm=True,
-        source="built-in table (huggingface.co/Qwen/Qwen3-0.6B config.json)"),
+        source="built-in table (huggingface.co/Qwen/Qwen3-0.6B config.json)", tokenizer="qwen3"),
 }  # fmt: skip
 
 # model types whose transformers implementation differs from the Llama layout in what we count
@@ -306,6 +332,10 @@ class Setting:
     gpu: bool
     fsdp_mixed: bool  # fsdp on GPU under bf16: gathered in bf16, gradients reduced in fp32
     vllm_pool: int = 0  # bytes vLLM holds (rollout.engine=vllm), else 0
+    micro_batch: int = 0  # trainer.micro_batch_size: sequences scored and back-propagated together (0 = all)
+    teacher_columns: int | None = None  # D, the teacher columns the aligner declares (restricted), None = all
+    shared_vocab_given: bool = False  # D counts a |V∩| given with --shared-vocab, not the bound min(V_s, V_t)
+    temperature: float = 1.0  # loss.temperature (the restricted normaliser's scaling)
 
     @property
     def param_bytes(self) -> int:
@@ -333,7 +363,30 @@ class Setting:
 
     @property
     def response_positions(self) -> int:
+        """Of the whole per-rank batch (S·R)."""
         return self.sequences * self.new_tokens
+
+    @property
+    def micro_sequences(self) -> int:
+        """M: the sequences scored, aligned and back-propagated together."""
+        return min(self.micro_batch, self.sequences) if self.micro_batch > 0 else self.sequences
+
+    @property
+    def micro_positions(self) -> int:
+        """N = M·R: the response positions whose logits one micro-batch holds."""
+        return self.micro_sequences * self.new_tokens
+
+    @property
+    def restricted(self) -> bool:
+        return self.teacher_columns is not None
+
+    @property
+    def teacher_width(self) -> int:
+        """C: the teacher logits' columns, min(V_t, D + N) restricted (the declared columns and the
+        response tokens' ids), else V_t."""
+        if self.teacher_columns is None:
+            return self.teacher.vocab
+        return min(self.teacher.vocab, self.teacher_columns + self.micro_positions)
 
     @property
     def shards(self) -> int:
@@ -358,8 +411,48 @@ def world_size(cfg: Config) -> int:
     return max(1, devices) * max(1, cfg.trainer.num_nodes)
 
 
-def setting_from_config(cfg: Config, gpu_memory_gib: float, prompt_tokens: int | None = None) -> Setting:
-    """Read the config (and the models' shapes) into a `Setting`."""
+def tokenizers_identical(cfg: Config, student: ModelShape, teacher: ModelShape) -> bool:
+    """Whether the config shows the two tokenizers to be the same without loading them: one
+    source (not `train`, whose student and teacher get different special tokens) with the same
+    EOS, or two hub models of one tokenizer family in `PUBLISHED`. False when it cannot tell."""
+    s_tok, t_tok = cfg.student.tokenizer, cfg.teacher.tokenizer
+    if s_tok.eos != t_tok.eos or "train" in (s_tok.source, t_tok.source):
+        return False
+    s_source = cfg.student.path if s_tok.source == "model" else s_tok.source
+    t_source = cfg.teacher.path if t_tok.source == "model" else t_tok.source
+    if s_source and s_source == t_source:
+        return True
+    return s_tok.source == t_tok.source == "model" and bool(student.tokenizer) and student.tokenizer == teacher.tokenizer
+
+
+def declared_teacher_columns(cfg: Config, student: ModelShape, teacher: ModelShape,
+                             shared_vocab: int | None) -> int | None:  # fmt: skip
+    """D, the teacher columns the aligner declares (`Aligner.teacher_columns`) with
+    `loss.restrict_teacher_columns`, or None when the teacher is scored over its whole
+    vocabulary. The aligner is asked with a stand-in shared vocabulary of |V∩| = `shared_vocab`
+    ids, else min(V_s, V_t) (an upper bound), and identical tokenizers where the config shows them."""
+    if not cfg.loss.restrict_teacher_columns:
+        return None
+    from types import SimpleNamespace
+
+    import torch
+
+    from lightning_opd.align import build_aligner
+
+    size = min(student.vocab, teacher.vocab) if shared_vocab is None else min(shared_vocab, teacher.vocab)
+    stand_in = SimpleNamespace(identity=tokenizers_identical(cfg, student, teacher),
+                               teacher_ids=torch.arange(size))  # fmt: skip
+    try:
+        columns = build_aligner(cfg.aligner, cfg.trainer.seed).teacher_columns(stand_in, cfg.loss)  # type: ignore[arg-type]
+    except Exception:  # an aligner that reads more of the vocabulary: plan for every column
+        return None
+    return None if columns is None else min(int(columns.numel()), teacher.vocab)
+
+
+def setting_from_config(cfg: Config, gpu_memory_gib: float, prompt_tokens: int | None = None,
+                        shared_vocab: int | None = None) -> Setting:  # fmt: skip
+    """Read the config (and the models' shapes) into a `Setting`; `shared_vocab` is |V∩| when
+    known (`--shared-vocab`)."""
     student, teacher = model_shape(cfg, "student"), model_shape(cfg, "teacher")
     precision = cfg.trainer.precision
     s_param, s_compute = precision_dtypes(precision, cfg.student.dtype if cfg.student.path else "float32")
@@ -373,7 +466,9 @@ def setting_from_config(cfg: Config, gpu_memory_gib: float, prompt_tokens: int |
         teacher_param_dtype=t_param, teacher_compute_dtype=t_compute, strategy=cfg.trainer.strategy,
         world=world_size(cfg), checkpointing=bool(cfg.trainer.activation_checkpointing), loss_form=cfg.loss.form,
         chunk_rows=cfg.loss.chunk_rows, gpu=gpu, fsdp_mixed=gpu and precision.startswith("bf16"),
-        vllm_pool=int(share * gpu_memory_gib * GIB),
+        vllm_pool=int(share * gpu_memory_gib * GIB), micro_batch=cfg.trainer.micro_batch_size,
+        teacher_columns=declared_teacher_columns(cfg, student, teacher, shared_vocab),
+        shared_vocab_given=shared_vocab is not None, temperature=float(cfg.loss.temperature),
     )  # fmt: skip
 
 
@@ -393,14 +488,15 @@ class Parts:
     cuda_reserve: int
     vllm_pool: int
     rollout_kv_cache: int
-    teacher_scoring: int  # the teacher forward's KV cache, mask, one layer's working set, padded output
-    teacher_logits: int
+    teacher_scoring: int  # the teacher forward's KV cache, mask, one layer's working set, padded output or column blocks
+    teacher_logits: int  # packed (N, C) + the restricted scoring's normaliser
     student_logits: int
     student_logits_grad: int
     loss: int
     activations: int  # what the run uses: activations_checkpointed under fsdp + checkpointing, else the other
     activations_no_checkpointing: int
     activations_checkpointed: int
+    teacher_check: int = 0  # first step, restricted columns: one response's full-vocabulary forward
 
     @property
     def held(self) -> int:
@@ -413,7 +509,7 @@ class Parts:
         """What each phase of the step adds on top of `held`; they run one after the other."""
         return {
             "rollout": self.rollout_kv_cache,
-            "teacher scoring": self.teacher_scoring + self.teacher_logits,
+            "teacher scoring": self.teacher_scoring + self.teacher_check + self.teacher_logits,
             "training": self.teacher_logits + self.student_logits + self.student_logits_grad + self.loss
             + self.activations,
         }
@@ -450,24 +546,24 @@ def attention_score_bytes(m: ModelShape, tokens: int, c: int) -> int:
 
 
 def mask_bytes(s: Setting, c: int) -> int:
-    """The 4-D attention mask (S, 1, T, T) a padded batch's forward builds once (in the compute dtype,
-    as measured on CPU; a boolean mask would take 1 byte an entry)."""
-    return s.sequences * s.tokens * s.tokens * c
+    """The 4-D attention mask (M, 1, T, T) a padded micro-batch's forward builds once (in the compute
+    dtype, as measured on CPU; a boolean mask would take 1 byte an entry)."""
+    return s.micro_sequences * s.tokens * s.tokens * c
 
 
 def scoring_cache_bytes(m: ModelShape, s: Setting, c: int) -> int:
-    """The KV cache a scoring forward keeps (HF's default use_cache): 2·L·k·S·T·c."""
-    return 2 * m.layers * m.kv_dim * s.sequences * s.tokens * c if SCORING_USES_CACHE else 0
+    """The KV cache a scoring forward would keep under HF's default use_cache: 2·L·k·M·T·c."""
+    return 2 * m.layers * m.kv_dim * s.micro_sequences * s.tokens * c if SCORING_USES_CACHE else 0
 
 
 def activation_bytes(s: Setting, checkpointed: bool) -> int:
-    """The student's forward + backward activations for the rank's batch, with or without
-    per-layer activation checkpointing, including its scoring pass's KV cache."""
-    m, c, seqs, tokens = s.student, s.compute_bytes, s.sequences, s.tokens
+    """The student's forward + backward activations for one micro-batch (M sequences), with or
+    without per-layer activation checkpointing, including its scoring pass's KV cache."""
+    m, c, seqs, tokens = s.student, s.compute_bytes, s.micro_sequences, s.tokens
     per_layer = seqs * (tokens * layer_activation_bytes(m, c) + attention_score_bytes(m, tokens, c))
     # the final norm's float32 input and output, the head's input at the response positions, and the
-    # 4-D padding mask (S, 1, T, T) that every layer's attention keeps
-    outside = seqs * tokens * (4 + c) * m.hidden + s.response_positions * c * m.hidden + mask_bytes(s, c)
+    # 4-D padding mask (M, 1, T, T) that every layer's attention keeps
+    outside = seqs * tokens * (4 + c) * m.hidden + s.micro_positions * c * m.hidden + mask_bytes(s, c)
     cache = scoring_cache_bytes(m, s, c)
     if checkpointed:
         return seqs * tokens * m.layers * m.hidden * c + per_layer + outside + cache
@@ -477,7 +573,7 @@ def activation_bytes(s: Setting, checkpointed: bool) -> int:
 def loss_bytes(s: Setting) -> int:
     """The loss's own tensors: one chunk of float32 (rows, U) tensors (full form), or the
     unchunked full-vocabulary log-probabilities of the sampled form."""
-    n, c = s.response_positions, s.compute_bytes
+    n, c = s.micro_positions, s.compute_bytes
     if s.loss_form == "sampled":  # the float32 logits kept for logsumexp's backward (+ the 16-bit gather)
         return n * s.student.vocab * (4 + (c if c < 4 else 0))
     return LOSS_ROW_TENSORS * min(s.chunk_rows, n) * min(s.student.vocab, s.teacher.vocab) * 4
@@ -486,7 +582,28 @@ def loss_bytes(s: Setting) -> int:
 def logits_grad_bytes(s: Setting) -> int:
     """The gradient of the student's packed logits and the zero-filled tensor that the backward of
     indexing (a loss chunk's rows, then the packing) allocates: 2 logit-sized tensors."""
-    return 2 * s.response_positions * s.student.vocab * s.compute_bytes
+    return 2 * s.micro_positions * s.student.vocab * s.compute_bytes
+
+
+def teacher_output_bytes(s: Setting) -> int:
+    """What the teacher's forward adds past its layers: the padded (M, R+1, V_t) output before
+    packing (full vocabulary), or the final hidden states at the N response positions and one
+    (chunk, V_t) block of the column head with its float32 copy and logsumexp temporary (+ the
+    division at τ ≠ 1, + the soft-cap's tanh)."""
+    te, tc, n = s.teacher, s.teacher_compute_bytes, s.micro_positions
+    if not s.restricted:
+        return s.micro_sequences * (s.new_tokens + 1) * te.vocab * tc
+    per_entry = tc + 8 + (4 if s.temperature != 1.0 else 0) + (tc if te.final_softcap else 0)
+    return n * te.hidden * tc + min(s.chunk_rows, n) * te.vocab * per_entry
+
+
+def teacher_check_bytes(s: Setting) -> int:
+    """The first restricted scoring's check against one response's own forward (align/columns.py):
+    its padded and packed full-vocabulary logits, or the packed ones and two float32 copies."""
+    if not s.restricted:
+        return 0
+    te, tc, r = s.teacher, s.teacher_compute_bytes, s.new_tokens
+    return (r + 1) * te.vocab * tc + r * te.vocab * max(tc, 8)
 
 
 def estimate(s: Setting) -> Parts:
@@ -501,8 +618,9 @@ def estimate(s: Setting) -> Parts:
         reduce = 4 if s.fsdp_mixed else s.param_bytes
         gathered = ((root_parameters(st) + 2 * layer_parameters(st)) * gather_s + layer_parameters(st) * reduce
                     + (root_parameters(te) + 2 * layer_parameters(te)) * gather_t)  # fmt: skip
-    seqs, n, c, tc = s.sequences, s.response_positions, s.compute_bytes, s.teacher_compute_bytes
-    padded = seqs * (s.new_tokens + 1)  # positions of the (S, R+1, V) model output
+    seqs, n, c, tc = s.sequences, s.micro_positions, s.compute_bytes, s.teacher_compute_bytes
+    micro = s.micro_sequences
+    padded = micro * (s.new_tokens + 1)  # positions of the (M, R+1, V) model output
     no_ckpt, ckpt = activation_bytes(s, False), activation_bytes(s, True)
     return Parts(
         student_weights=state,
@@ -514,16 +632,17 @@ def estimate(s: Setting) -> Parts:
         cuda_reserve=CUDA_RESERVE if s.gpu else 0,
         vllm_pool=s.vllm_pool,
         rollout_kv_cache=0 if s.vllm_pool else 2 * st.layers * st.kv_dim * seqs * s.tokens * c,
-        teacher_scoring=(scoring_cache_bytes(te, s, tc) + seqs * s.tokens * layer_working_bytes(te, tc)
-                         + seqs * attention_score_bytes(te, s.tokens, tc) + mask_bytes(s, tc)
-                         + padded * te.vocab * tc),  # fmt: skip
-        teacher_logits=n * te.vocab * tc,
+        teacher_scoring=(scoring_cache_bytes(te, s, tc) + micro * s.tokens * layer_working_bytes(te, tc)
+                         + micro * attention_score_bytes(te, s.tokens, tc) + mask_bytes(s, tc)
+                         + teacher_output_bytes(s)),  # fmt: skip
+        teacher_logits=n * s.teacher_width * tc + (4 * n if s.restricted else 0),
         student_logits=n * st.vocab * c + (padded * st.vocab * c if st.final_softcap else 0),
         student_logits_grad=logits_grad_bytes(s),
         loss=loss_bytes(s),
         activations=ckpt if s.checkpointed else no_ckpt,
         activations_no_checkpointing=no_ckpt,
         activations_checkpointed=ckpt,
+        teacher_check=teacher_check_bytes(s),
     )
 
 
@@ -554,11 +673,19 @@ def largest_batch(s: Setting, budget: int) -> int | None:
     return largest_fitting(1, 1 << 20, lambda b: estimate(replace(s, prompts=b)).total <= budget)
 
 
+def largest_micro_batch(s: Setting, budget: int) -> int | None:
+    """The most sequences per micro-batch (`trainer.micro_batch_size`) below the current M that
+    fit in `budget` bytes, all else as configured, or None."""
+    return largest_fitting(1, s.micro_sequences - 1, lambda m: estimate(replace(s, micro_batch=m)).total <= budget)
+
+
 def suggestions(s: Setting, budget: int) -> list[Suggestion]:
-    """Single changes that make `s` fit in `budget` bytes, each checked with `estimate`: fewer
-    prompts per rank, activation checkpointing, FSDP over more devices with the same global batch,
-    shorter responses. If none does, one combined change (one prompt per rank, checkpointing where
-    the config allows FSDP, the longest responses that then fit), or nothing."""
+    """Single changes that make `s` fit in `budget` bytes, each checked with `estimate`: smaller
+    micro-batches (the same batch, so the same gradient), fewer prompts per rank, activation
+    checkpointing, FSDP over more devices with the same global batch, shorter responses. If none
+    does, or only shorter responses do, one combined change (one prompt per rank and micro-batches
+    of one sequence, then checkpointing where needed, the responses as configured if they fit,
+    else the longest that do) when it keeps longer responses, or nothing."""
     out: list[Suggestion] = []
 
     def fits(changed: Setting) -> bool:
@@ -567,6 +694,10 @@ def suggestions(s: Setting, budget: int) -> list[Suggestion]:
     def add(text: str, overrides: dict[str, Any], changed: Setting) -> None:
         out.append(Suggestion(text, overrides, estimate(changed).total))
 
+    micro = largest_micro_batch(s, budget)
+    if micro is not None:
+        add(f"micro-batches of {micro} sequences, same batch and gradient: trainer.micro_batch_size={micro}",
+            {"trainer.micro_batch_size": micro}, replace(s, micro_batch=micro))  # fmt: skip
     batch = largest_fitting(1, s.prompts - 1, lambda b: fits(replace(s, prompts=b)))
     if batch is not None:
         add(f"fewer prompts per rank: data.batch_size={batch} (global batch {batch * s.world} prompts)",
@@ -593,21 +724,33 @@ def suggestions(s: Setting, budget: int) -> list[Suggestion]:
     new = largest_fitting(1, s.new_tokens - 1, lambda r: fits(replace(s, new_tokens=r)))
     if new is not None:
         add(f"shorter responses: rollout.max_new_tokens={new}", {"rollout.max_new_tokens": new}, replace(s, new_tokens=new))
-    if out:
-        return out
+    if any("rollout.max_new_tokens" not in x.overrides for x in out):
+        return out  # a single change that keeps the responses as long as configured
     base, overrides = replace(s, prompts=1), {"data.batch_size": 1}
+    if s.samples > 1:  # one sequence at a time past the rollout
+        base, overrides = replace(base, micro_batch=1), {**overrides, "trainer.micro_batch_size": 1}
+    candidates = [(base, overrides)]  # the fewest changes first: checkpointing only if needed
     if not s.checkpointed:
-        base = replace(base, strategy="fsdp", checkpointing=True)
-        overrides |= {"trainer.strategy": "fsdp", "trainer.activation_checkpointing": True}
-    for samples in dict.fromkeys((s.samples, 1)):  # keep the samples per prompt if possible (GRPO groups)
-        trial = replace(base, samples=samples)
-        new = largest_fitting(1, s.new_tokens, lambda r, t=trial: fits(replace(t, new_tokens=r)))
+        candidates.append((replace(base, strategy="fsdp", checkpointing=True),
+                           {**overrides, "trainer.strategy": "fsdp", "trainer.activation_checkpointing": True}))  # fmt: skip
+    trials = [(replace(c, samples=k), {**o, **({"rollout.samples_per_prompt": k} if k != s.samples else {})})
+              for k in dict.fromkeys((s.samples, 1)) for c, o in candidates]  # keep the samples (GRPO groups) if possible  # fmt: skip
+    # the responses as configured if any trial fits them, else the longest that the leanest trial fits
+    chosen = next(((t, o, s.new_tokens) for t, o in trials if fits(t)), None)
+    leanest = [trials[len(candidates) - 1], trials[-1]]  # with the configured samples per prompt, then one
+    for trial, changes in [] if chosen else leanest:
+        new = largest_fitting(1, s.new_tokens - 1, lambda r, t=trial: fits(replace(t, new_tokens=r)))
         if new is not None:
-            changes = {**overrides, **({"rollout.samples_per_prompt": samples} if samples != s.samples else {}),
-                       "rollout.max_new_tokens": new}  # fmt: skip
-            add("together: " + " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items()),
-                changes, replace(trial, new_tokens=new))  # fmt: skip
+            chosen = (trial, {**changes, "rollout.max_new_tokens": new}, new)
             break
+    # with single changes that all shorten the responses: only if it keeps longer ones
+    if chosen is not None and (not out or chosen[2] > max(x.overrides["rollout.max_new_tokens"] for x in out)):
+        trial, changes, new = chosen
+        if "trainer.micro_batch_size" in changes:  # the largest micro-batch that this change leaves room for
+            micro = largest_fitting(1, trial.sequences, lambda m, t=trial: fits(replace(t, micro_batch=m, new_tokens=new)))
+            trial, changes = replace(trial, micro_batch=micro or 1), {**changes, "trainer.micro_batch_size": micro or 1}
+        add("together: " + " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items()),
+            changes, replace(trial, new_tokens=new))  # fmt: skip
     return out
 
 
@@ -658,6 +801,24 @@ def notes_for(cfg: Config, s: Setting) -> list[str]:
         notes.append("tool observations inside responses are not counted (responses are taken at max_new_tokens)")
     if s.vllm_pool:
         notes.append(f"rollout.engine=vllm holds {VLLM_ENV} of the GPU for its weights and KV cache throughout")
+    if s.micro_sequences < s.sequences:
+        notes.append(f"trainer.micro_batch_size={s.micro_batch}: the rollout holds all {s.sequences} sequences; "
+                     f"scoring, loss and backward hold {s.micro_sequences} at a time")  # fmt: skip
+    if s.restricted:
+        if s.teacher_columns == 0:
+            what = f"{cfg.aligner.name} reads no column besides the response tokens'"
+        elif s.shared_vocab_given:
+            what = f"|V∩| = {s.teacher_columns:,} (--shared-vocab)"
+        else:
+            what = (f"|V∩| is taken as its bound min(V_s, V_t) = {s.teacher_columns:,} (the tokenizers are not "
+                    "loaded; `lightning-opd align` prints |V∩|, give it with --shared-vocab)")
+        notes.append(f"the teacher is scored over C = {s.teacher_width:,} of its {s.teacher.vocab:,} vocabulary columns "
+                     f"(loss.restrict_teacher_columns): {what}, + the response tokens' ids")  # fmt: skip
+    elif cfg.loss.restrict_teacher_columns:
+        why = ("the tokenizers are the same (V∩ = V)" if tokenizers_identical(cfg, s.student, s.teacher)
+               and cfg.aligner.name in ("exact", "simct", "simct_1to1", "random_span")
+               else f"aligner {cfg.aligner.name} reads every column")  # fmt: skip
+        notes.append(f"the teacher is scored over its full vocabulary: {why}")
     return notes
 
 
@@ -675,10 +836,11 @@ def valid_change(cfg: Config, overrides: dict[str, Any]) -> bool:
     return True
 
 
-def make_plan(cfg: Config, gpu_memory_gib: float = 80.0, prompt_tokens: int | None = None) -> Plan:
+def make_plan(cfg: Config, gpu_memory_gib: float = 80.0, prompt_tokens: int | None = None,
+              shared_vocab: int | None = None) -> Plan:  # fmt: skip
     """Estimate `cfg` per device, check it against `gpu_memory_gib` GiB, and say what to change
-    (only changes that give a valid config)."""
-    s = setting_from_config(cfg, gpu_memory_gib, prompt_tokens)
+    (only changes that give a valid config). `shared_vocab`: |V∩|, when known."""
+    s = setting_from_config(cfg, gpu_memory_gib, prompt_tokens, shared_vocab)
     parts = estimate(s)
     budget = int(gpu_memory_gib * GIB)
     fits = parts.total <= budget
@@ -720,7 +882,9 @@ def format_plan(plan: Plan) -> str:
         _shape_line("student", s.student, s.param_dtype, s.compute_dtype),
         _shape_line("teacher", s.teacher, s.teacher_param_dtype, s.teacher_compute_dtype),
         f"per rank: {s.prompts} prompts × {s.samples} samples = {s.sequences} sequences × ({s.prompt_tokens} prompt + "
-        f"{s.new_tokens} new) tokens; {s.response_positions:,} response positions",
+        f"{s.new_tokens} new) tokens; {s.response_positions:,} response positions"
+        + (f"; micro-batches of {s.micro_sequences} sequences ({s.micro_positions:,} positions)"
+           if s.micro_sequences < s.sequences else ""),
         "",
         f"{'part':<58}{name:>10}  phase",
     ]  # fmt: skip
@@ -735,18 +899,22 @@ def format_plan(plan: Plan) -> str:
         ("CUDA context and workspaces (assumed)", p.cuda_reserve, "held"),
         ("vLLM pool", p.vllm_pool, "held"),
         ("rollout KV cache", p.rollout_kv_cache, "rollout"),
-        ("teacher forward: KV cache, mask, one layer, padded output", p.teacher_scoring, "teacher scoring"),
-        ("teacher logits (packed)", p.teacher_logits, "scoring, training"),
+        ("teacher forward: mask, one layer, " + ("column-head block" if s.restricted else "padded output"),
+         p.teacher_scoring, "teacher scoring"),
+        ("teacher columns' first-step check (1 response, full)", p.teacher_check, "teacher scoring"),
+        (f"teacher logits (packed, {s.teacher_width:,} columns" + (" + normaliser)" if s.restricted else ")"),
+         p.teacher_logits, "scoring, training"),
         ("student logits (packed)", p.student_logits, "training"),
         ("student logits gradient (packed + padded)", p.student_logits_grad, "training"),
-        (f"loss ({'sampled form' if s.loss_form == 'sampled' else f'one chunk of {min(s.chunk_rows, s.response_positions)} rows'})",
+        (f"loss ({'sampled form' if s.loss_form == 'sampled' else f'one chunk of {min(s.chunk_rows, s.micro_positions)} rows'})",
          p.loss, "training"),
         (f"student activations, no checkpointing ({'not ' if s.checkpointed else ''}in use)",
          p.activations_no_checkpointing, "training" if not s.checkpointed else "-"),
         (f"student activations, checkpointing per layer ({ckpt_state})", p.activations_checkpointed,
          "training" if s.checkpointed else "-"),
     ]  # fmt: skip
-    lines += [f"{name:<58}{gib(value):>10}  {phase}" for name, value, phase in rows if value or phase != "held"]
+    lines += [f"{name:<58}{gib(value):>10}  {phase}" for name, value, phase in rows
+              if value or (phase != "held" and not name.startswith("teacher columns'"))]
     phases = p.phases
     lines += [
         "",
@@ -769,6 +937,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one device in GiB (default 80)")
     parser.add_argument("--prompt-tokens", type=int, default=None,
                         help="tokens of a rendered prompt (default: data.max_prompt_tokens, the longest admitted)")  # fmt: skip
+    parser.add_argument("--shared-vocab", type=int, default=None, metavar="N",
+                        help="|V∩| of the two tokenizers, as `lightning-opd align` prints it, for the restricted teacher "
+                             "columns (default: min of the two vocabularies, an upper bound)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
     parser.set_defaults(overrides=[])  # main() puts key=value items given after the options here
 
@@ -776,9 +947,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 def run_plan(args: argparse.Namespace) -> int:
     items = list(args.items) + list(args.overrides)
     files, overrides = [x for x in items if "=" not in x], [x for x in items if "=" in x]
-    if args.gpu_memory <= 0 or (args.prompt_tokens is not None and args.prompt_tokens < 0):
-        print("lightning-opd plan: --gpu-memory must be > 0 and --prompt-tokens >= 0", file=sys.stderr)
+    shared = getattr(args, "shared_vocab", None)
+    if args.gpu_memory <= 0 or (args.prompt_tokens is not None and args.prompt_tokens < 0) or (shared is not None and shared < 0):
+        print("lightning-opd plan: --gpu-memory must be > 0, --prompt-tokens and --shared-vocab >= 0", file=sys.stderr)
         return 2
-    plan = make_plan(load(*files, overrides=overrides), args.gpu_memory, args.prompt_tokens)
+    plan = make_plan(load(*files, overrides=overrides), args.gpu_memory, args.prompt_tokens, shared)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0
