@@ -277,3 +277,23 @@ def test_real_pair_runs_two_opd_steps(tmp_path):
     teacher_dir = gguf_models.local_model_path(cfg.teacher.path, cfg.run.cache_dir)
     tok = load_tokenizer(cfg.teacher.tokenizer, teacher_dir)
     assert render_prompt(tok, "What is 1+1?") == "<bos>Question: What is 1+1?\nAnswer: "
+
+
+@needs_extra
+def test_eval_takes_a_gguf_file_and_scores_its_converted_folder(tmp_path, capsys):
+    from lightning_opd.cli.main import main
+
+    file, cache = tmp_path / "tiny.gguf", tmp_path / "cache"
+    write_tiny_gguf(file)
+    common = ["data.val_size=3", "rollout.max_new_tokens=4", "trainer.accelerator=cpu", f"run.cache_dir={cache}"]
+
+    def accuracy_line(model: str) -> str:
+        assert main(["eval", model, *common]) == 0
+        last = capsys.readouterr().out.strip().splitlines()[-1]  # after the conversion's notes
+        return last.rsplit(":", 1)[0]  # the accuracy line without the model named
+
+    by_file = accuracy_line(str(file))
+    (folder,) = converted(cache)  # converted on first use, into run.cache_dir
+    assert " of 3 held-out prompts" in by_file
+    assert by_file == accuracy_line(str(folder))
+    assert converted(cache) == [folder]  # the second call converted nothing

