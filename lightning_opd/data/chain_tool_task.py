@@ -95,7 +95,7 @@ def apply(value: int, op: str, x: int) -> int:
 
 @register_task("chain_tool")
 class ChainToolTask(ArithTask):
-    """`Start with 4821. Multiply by 37, then subtract 519, then take the result mod 997.`,
+    """`Start with 4821. Multiply by 37, then subtract 519, then mod 997.`,
     answered by three dependent fenced Python calls and `#### <answer>`."""
 
     observation_spans = staticmethod(observation_spans)  # SFT masks these out of the labels
