@@ -60,6 +60,21 @@ report: $(STAMP) ## table.md + curves.png from finished runs: make report RUNS=r
 bench: $(STAMP) ## alignment, rows+loss and step benchmarks: prints a table, writes results/bench.json
 	$(BIN)/lightning-opd bench --out results/bench.json $(ARGS)
 
+# our OPD step against TRL's GOLDTrainer. TRL lives in its own venv (.venv-gold), never a
+# dependency of the package; the CPU torch is pinned explicitly so pip does not pull a CUDA build.
+GOLD_VENV := .venv-gold
+GOLD_STAMP := $(GOLD_VENV)/.installed
+TRL_PIN := trl==1.16.0
+.PHONY: bench-gold
+$(GOLD_STAMP): $(STAMP)
+	@test -x $(GOLD_VENV)/bin/python || $(PYTHON) -m venv $(GOLD_VENV)
+	$(GOLD_VENV)/bin/pip install -q --upgrade pip
+	$(GOLD_VENV)/bin/pip install -q $(TORCH_PIN) $(TRL_PIN) "transformers==$$($(BIN)/python -c 'import transformers; print(transformers.__version__)')"
+	@touch $(GOLD_STAMP)
+
+bench-gold: $(STAMP) $(GOLD_STAMP) ## our OPD step vs TRL GOLD (own venv .venv-gold), CPU: writes results/bench_gold.json
+	$(BIN)/python scripts/bench_gold.py --out results/bench_gold.json $(ARGS)
+
 .PHONY: gpu-check
 gpu-check: $(STAMP) ## on one CUDA GPU (< 5 min): bf16 fsdp run, peak memory vs plan, static cache, vLLM; writes results/gpu_check.json
 	$(BIN)/python scripts/gpu_check.py --out results/gpu_check.json $(ARGS)
@@ -68,4 +83,4 @@ lint: $(STAMP) ## ruff check
 	$(BIN)/ruff check .
 
 clean: ## remove runs, caches and the virtual environment
-	rm -rf $(VENV) runs results .cache .pytest_cache .ruff_cache .hypothesis lightning_logs *.egg-info
+	rm -rf $(VENV) $(GOLD_VENV) runs results .cache .pytest_cache .ruff_cache .hypothesis lightning_logs *.egg-info
