@@ -59,11 +59,10 @@ from __future__ import annotations
 
 import random
 
-from ..config import DataConfig
 from ..rewards import ANSWER_MARK
 from ..rollout.tools import wrap_observation
-from .tasks import ArithTask, DataError, Example, register_task
-from .tool_task import observation_spans
+from .tasks import Example, register_task
+from .tool_task import ArithToolTask
 
 # (op symbol, operand) per step; the problem is (start, ((op, x), ...))
 Step = tuple[str, int]
@@ -94,11 +93,10 @@ def apply(value: int, op: str, x: int) -> int:
 
 
 @register_task("chain_tool")
-class ChainToolTask(ArithTask):
+class ChainToolTask(ArithToolTask):
     """`Start with 4821. Multiply by 37, then subtract 519, then mod 997.`,
-    answered by three dependent fenced Python calls and `#### <answer>`."""
-
-    observation_spans = staticmethod(observation_spans)  # SFT masks these out of the labels
+    answered by three dependent fenced Python calls and `#### <answer>`. From `ArithToolTask`: the
+    observation spans SFT masks out of the labels, `__init__` and `_number`."""
 
     start_digits = (3, 4)
     mul_digits = (2, 2)  # first step: start * this (from 11)
@@ -106,18 +104,6 @@ class ChainToolTask(ArithTask):
     mod_digits = (3, 3)  # last step: % this (from 101: a guess is rarely right) ...
     last_mul_digits = (1, 1)  # ... or * this (3..9)
     p_mod = 0.5  # probability that the last step is `%` (else `*`)
-
-    def __init__(self, cfg: DataConfig):  # ArithTask's checks concern data.arith: not called
-        if cfg.val_size < 0:
-            raise DataError(f"data.val_size must be >= 0, got {cfg.val_size}")
-        self.seed, self.val_size = cfg.seed, cfg.val_size
-        self._val: list[Example] | None = None
-        self._val_problems: frozenset[Problem] = frozenset()
-
-    @staticmethod
-    def _number(rng: random.Random, digits: tuple[int, int], low: int = 0) -> int:
-        n = rng.randint(*digits)
-        return rng.randint(max(10 ** (n - 1), low), 10**n - 1)
 
     def _draw(self, rng: random.Random) -> Problem:  # type: ignore[override]
         start = self._number(rng, self.start_digits)

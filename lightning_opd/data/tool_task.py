@@ -68,9 +68,10 @@ class ArithToolTask(ArithTask):
         self._val_problems: frozenset[Problem] = frozenset()
 
     @staticmethod
-    def _number(rng: random.Random, digits: tuple[int, int]) -> int:
+    def _number(rng: random.Random, digits: tuple[int, int], low: int = 0) -> int:
+        """A number of a random length in `digits` (inclusive), at least `low`."""
         n = rng.randint(*digits)
-        return rng.randint(10 ** (n - 1), 10**n - 1)
+        return rng.randint(max(10 ** (n - 1), low), 10**n - 1)
 
     def _draw(self, rng: random.Random) -> Problem:  # type: ignore[override]
         a, b = self._number(rng, self.a_digits), self._number(rng, self.b_digits)
