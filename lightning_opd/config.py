@@ -209,6 +209,11 @@ class LossConfig:
     # of (N, V_T), the same losses, gradients and teacher mass (align/columns.py). bpm and uld's full
     # form read the whole vocabulary and are scored in full either way; the student always is.
     restrict_teacher_columns: bool = True
+    # full form, fkl/rkl over V∩ rows (exact, simct_1to1, simct's mean_logit): the rows' gradient is
+    # computed in the forward pass and kept, one (R, |V∩|) float32 tensor; while it takes at most
+    # this many MiB every row runs at once and nothing is recomputed in backward, above it the rows
+    # run in chunks of chunk_rows, each recomputed in backward. Same values either way; 0 = always chunk.
+    keep_rows_mib: int = 512
 
 
 @dataclass

@@ -347,7 +347,7 @@ class OPDModule(L.LightningModule):
             rewards = self.rewards(rollout, aligned.texts, answered)
             loss = self.distillation_loss(rows, scored, sod, rewards, rollout.prompt_index, aligned.segments,
                                           placeholder=placeholder)  # fmt: skip
-        with timer("teacher_mass"):  # a diagnostic: no grad, (chunk_rows, V_T) at a time
+        with timer("teacher_mass"):  # a diagnostic: no grad, a few rows of (R, |V∩|) at a time
             teacher_mass = self.aligner.teacher_mass(rows, scored, self.loss_cfg)  # (R,) or None
 
         if admitted_anywhere:  # the metric syncs inside are collectives: every rank or none

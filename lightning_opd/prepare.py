@@ -21,6 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lightning_opd.config import Config, ModelConfig
+from lightning_opd.data.tasks import TASKS
 from lightning_opd.evaluation import evaluate_accuracy
 from lightning_opd.gguf_models import local_model_path
 from lightning_opd.models import (
@@ -54,7 +55,13 @@ def _digest(*parts) -> str:
 
 def _task_key(cfg: Config) -> dict:
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    return {k: data[k] for k in ("source", "path", "prompt_field", "answer_field", "arith")}
+    key = {k: data[k] for k in ("source", "path", "prompt_field", "answer_field", "arith")}
+    # a task whose generated text changed says so with its `generator_version`: models and
+    # tokenizers trained on the old text are then not reused (tasks without one keep their keys)
+    version = getattr(TASKS.get(cfg.data.source), "generator_version", None)
+    if version is not None:
+        key["generator_version"] = version
+    return key
 
 
 def _tokenizer(cfg: Config, role: str, task, cache: Path) -> tuple[object, str]:

@@ -13,15 +13,16 @@ from lightning_opd.rollout.sandbox import isolation_problem, run_python_batch
 from lightning_opd.rollout.tools import find_tool_call, format_observation, observation_spans
 from tests.test_train import ROOT
 
-CALL = re.compile(r"^# (multiply by|add|subtract|mod|times) (\d+)\nprint\((\d+)([*+\-%])(\d+)\)\n$")
-WORDS = {"multiply by": "*", "times": "*", "add": "+", "subtract": "-", "mod": "%"}
+CALL = re.compile(r"^# step (\d): (add|subtract|mod|times) (\d+)\nprint\((\d+)([*+\-%])(\d+)\)\n$")
+WORDS = {"times": "*", "add": "+", "subtract": "-", "mod": "%"}
 
 
-def parse_call(code: str) -> tuple[int, str, int]:
+def parse_call(code: str, k: int | None = None) -> tuple[int, str, int]:
     """(left operand, op, right operand) of a call, checking that its comment states the same
-    operation and operand."""
-    words, stated, left, op, right = CALL.match(code).groups()
+    operation and operand (and, given k, that it is step k+1)."""
+    number, words, stated, left, op, right = CALL.match(code).groups()
     assert WORDS[words] == op and stated == right, code
+    assert k is None or int(number) == k + 1, (k, code)
     return int(left), op, int(right)
 
 
@@ -57,30 +58,35 @@ def test_chain_tool_is_registered_and_deterministic() -> None:
 def test_every_problem_needs_three_dependent_nontrivial_calls() -> None:
     task = ChainToolTask(DataConfig(source="chain_tool", val_size=20, seed=1))
     examples = [task.example(i) for i in range(300)] + task.validation_set()
-    last_ops = set()
+    last_ops, in_prompt = set(), 0
     for ex in examples:
         start = int(re.match(r"Start with (\d+)\. ", ex.prompt).group(1))
         codes, outputs = calls_and_outputs(ex.solution)
         assert len(codes) == len(outputs) == 3, ex.solution
         value = start
         for k, (code, out) in enumerate(zip(codes, outputs, strict=True)):
-            left, op, right = parse_call(code)
+            left, op, right = parse_call(code, k)
             # call k's left operand is the previous call's output (the start for the first)
             assert left == value, (k, ex.solution)
             if k > 0:
-                assert str(left) == outputs[k - 1] and str(left) not in ex.prompt  # copied from the tool
-            # the operand comes from the prompt, right after the words the call's comment repeats
+                assert str(left) == outputs[k - 1]  # copied from the tool's output ...
+                # ... and (but for coincidences) not one of the prompt's numbers
+                in_prompt += str(left) in re.findall(r"(?<!Step )\b\d+\b", ex.prompt)
+            # the step's words come from the prompt, which the call's comment repeats
             comment = code.splitlines()[0].removeprefix("# ")
-            assert ex.prompt.lower().count(comment) == 1, (comment, ex.prompt)
+            assert ex.prompt.lower().count(comment + ".") == 1, (comment, ex.prompt)
             value = apply(value, op, right)
-            assert out == str(value) and value > 0
+            assert out == str(value) and (value > 0 or (k == 2 and op == "%" and value == 0))
         first_left, first_op, first_right = parse_call(codes[0])
-        # the first step is a real multiplication: 3-4 digits times 2 digits, >= 4 digits out
-        assert first_op == "*" and 100 <= first_left <= 9999 and 11 <= first_right <= 99
-        assert int(outputs[0]) >= 1100 and int(outputs[1]) >= 100
+        # the first step is a real multiplication: 2 digits times 3..9, >= 36 out
+        assert first_op == "*" and 12 <= first_left <= 99 and 3 <= first_right <= 9
+        assert int(outputs[0]) >= 36 and int(outputs[1]) >= 1
+        # at most four digits anywhere (what tiny models can copy: docs/results/chain_tool.md)
+        assert max(int(o) for o in outputs) <= 9999
         last_ops.add(parse_call(codes[2])[1])
         assert ex.answer == outputs[-1] and ex.solution.endswith(f"#### {ex.answer}")
     assert last_ops == {"%", "*"}
+    assert in_prompt <= 0.02 * 2 * len(examples)
 
 
 def test_the_answer_is_right_only_if_every_step_was() -> None:
@@ -134,3 +140,13 @@ def test_chain_configs_resolve(name: str) -> None:
     assert cfg.data.source == "chain_tool" and cfg.tools.enabled
     assert cfg.sod.enabled == (name == "chain_tool_sod")
     assert cfg.sod.record  # the OPD run records its step divergences too
+
+
+def test_generator_version_keys_the_model_cache() -> None:
+    """Models SFT'd on an older chain_tool text are not reused: the task's generator_version is
+    part of the cache key; tasks without one keep the keys they had."""
+    from lightning_opd.prepare import _task_key
+
+    chain = load(ROOT / "configs" / "experiment" / "chain_tool_opd.yaml")
+    assert _task_key(chain)["generator_version"] == ChainToolTask.generator_version == 2
+    assert "generator_version" not in _task_key(load(ROOT / "configs" / "experiment" / "default.yaml"))

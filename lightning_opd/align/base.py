@@ -246,13 +246,7 @@ class Aligner:
         return self.full_row_losses(rows, batch, loss)
 
     def full_row_losses(self, rows: Rows, batch: ScoredBatch, loss: LossConfig) -> torch.Tensor:
-        return chunked(
-            len(rows), loss.chunk_rows,
-            lambda sl: losses.full_divergence(
-                *shared_vocab_logits(rows, batch, sl),
-                divergence=loss.divergence, beta=loss.beta, temperature=loss.temperature,
-            ),
-        )  # fmt: skip
+        return shared_vocab_divergence(rows, batch, loss)
 
     # --- diagnostics: where V∩ drops the teacher's probability ----------------------------------
     def teacher_mass(self, rows: Rows, batch: ScoredBatch, loss: LossConfig) -> torch.Tensor | None:
@@ -287,8 +281,9 @@ class Aligner:
 def shared_vocab_mass(rows: Rows, batch: ScoredBatch, loss: LossConfig) -> torch.Tensor:
     """Σ_{v ∈ V∩_T} softmax(z^T / τ)(v) at each row's teacher anchor, (R,) float32, no grad.
 
-    Computed as exp(logsumexp over V∩ − logsumexp over V_T), chunked over rows: one (chunk, V_T)
-    float32 copy alive at a time, never (R, V_T). With identical tokenizers V∩ is the whole
+    Computed as exp(logsumexp over V∩ − logsumexp over V_T), a few rows at a time
+    (`losses.gathered_logsumexp`): never an (R, V_T) float32 copy; a restricted side has the
+    full-vocabulary logsumexp stored. With identical tokenizers V∩ is the whole
     vocabulary, so the mass is 1 without reading the logits."""
     teacher = batch.teacher
     device = teacher.logits.device
@@ -297,16 +292,12 @@ def shared_vocab_mass(rows: Rows, batch: ScoredBatch, loss: LossConfig) -> torch
     shared_columns = teacher.column(batch.vocab.teacher_ids.to(device))  # (|V∩|,)
     tau = loss.temperature
 
-    def chunk_mass(sl: slice) -> torch.Tensor:  # (r,)
-        pos = rows.teacher_pos[sl]
-        zt = teacher.logits[pos].float() / tau  # (r, V_T), or (r, C) on a restricted side
-        shared = torch.logsumexp(zt[:, shared_columns], dim=-1)  # (r,)
+    pos = rows.teacher_pos.to(device)
+    with torch.no_grad():  # a diagnostic; a few rows of (r, |V∩|) at a time (losses.BLOCK_BYTES)
+        shared = losses.gathered_logsumexp(teacher.logits, pos, shared_columns, tau)  # (R,)
         # a restricted side's columns are not the whole vocabulary: its normaliser comes with it
-        total = teacher.log_normaliser(pos, tau) if teacher.restricted else torch.logsumexp(zt, dim=-1)
+        total = teacher.log_normaliser(pos, tau) if teacher.restricted else losses.gathered_logsumexp(teacher.logits, pos, None, tau)
         return torch.exp(shared - total).clamp(max=1.0)
-
-    with torch.no_grad():  # a diagnostic: chunked() then runs the chunks plainly, no checkpoints
-        return chunked(len(rows), loss.chunk_rows, chunk_mass)
 
 
 def chunked(n_rows: int, chunk: int, fn: Callable[[slice], torch.Tensor]) -> torch.Tensor:
@@ -328,6 +319,39 @@ def chunked(n_rows: int, chunk: int, fn: Callable[[slice], torch.Tensor]) -> tor
     from torch.utils.checkpoint import checkpoint
 
     return torch.cat([checkpoint(fn, sl, use_reentrant=False) for sl in slices])
+
+
+def shared_vocab_divergence(rows: Rows, batch: ScoredBatch, loss: LossConfig, student_slot: torch.Tensor | None = None,
+                            teacher_slot: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The full-form divergence of every row over V∩ at its anchors, (R,): `full_divergence` of the
+    rows of `shared_vocab_logits`, each with the row's extra slot appended when slots are given
+    ((R,) each, -inf = masked; simct's span slot), computed by `losses.gathered_divergence`, which
+    gathers the rows a few at a time and never holds the (R, |V∩|) logit rows.
+
+    Memory: fkl and rkl keep one (R, |V∩|) float32 tensor for the backward pass (the gradient of
+    the rows). When that fits in `loss.keep_rows_mib` every row runs at once and nothing is
+    recomputed; above it the rows run in chunks of `loss.chunk_rows`, each recomputed in backward
+    (`chunked`), so the kept memory is a chunk's. jsd goes through `full_divergence` per chunk."""
+    student, teacher = batch.student, batch.teacher
+    device = student.logits.device
+    s_cols = t_cols = None
+    if not (batch.vocab.identity and not (student.restricted or teacher.restricted)):
+        s_cols = student.column(batch.vocab.student_ids.to(device)).to(device)
+        t_cols = teacher.column(batch.vocab.teacher_ids.to(teacher.logits.device)).to(teacher.logits.device)
+    width = student.logits.shape[-1] if s_cols is None else len(s_cols)
+
+    def run(sl: slice) -> torch.Tensor:
+        return losses.gathered_divergence(
+            student.logits, rows.student_pos[sl], s_cols, teacher.logits, rows.teacher_pos[sl].to(teacher.logits.device),
+            t_cols, divergence=loss.divergence, beta=loss.beta, temperature=loss.temperature,
+            student_slot=None if student_slot is None else student_slot[sl],
+            teacher_slot=None if teacher_slot is None else teacher_slot[sl],
+        )  # fmt: skip
+
+    n = len(rows)
+    if n and loss.divergence in ("fkl", "rkl") and n * width * 4 <= loss.keep_rows_mib * 2**20:
+        return run(slice(0, n))
+    return chunked(n, loss.chunk_rows, run)
 
 
 def shared_vocab_logits(

@@ -65,6 +65,7 @@ from lightning_opd.align.base import (
     chunked,
     register_aligner,
     rows_from_segments,
+    shared_vocab_divergence,
     shared_vocab_logits,
     shared_vocab_mass,
 )
@@ -140,6 +141,8 @@ class SimCTAligner(Aligner):
     ) -> torch.Tensor:
         student_slot, teacher_slot = self.span_slots(rows, batch, loss)  # (R,) each
         tau = loss.temperature
+        if self.span_logit == "mean_logit":  # the rows [z[V∩], ū], gathered a few at a time
+            return shared_vocab_divergence(rows, batch, loss, student_slot, teacher_slot)
 
         def chunk_loss(sl: slice) -> torch.Tensor:
             zs, zt = shared_vocab_logits(rows, batch, sl)  # (r, |V∩|) each

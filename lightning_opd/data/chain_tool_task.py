@@ -1,52 +1,55 @@
 """`chain_tool`: a chain of dependent operations, one interpreter call per operation.
 
-A problem is a start number and three operations applied in turn, e.g.
+A problem is a start number and three numbered operations applied in turn, e.g.
 
-    Start with 4821. Multiply by 37, then subtract 519, then mod 997.
+    Start with 47. Step 1: times 6. Step 2: add 35. Step 3: mod 23.
 
 and the reference solution is a tool-use trace in the fenced format of `rollout/tools.py` with
-one call per operation, each call's left operand the previous call's output:
+one call per step, each call's left operand the previous call's output:
 
     ```python
-    # multiply by 37
-    print(4821*37)
+    # step 1: times 6
+    print(47*6)
     ```
     ```output
-    178377
+    282
     ```
     ```python
-    # subtract 519
-    print(178377-519)
+    # step 2: add 35
+    print(282+35)
     ```
     ```output
-    177858
+    317
     ```
     ```python
-    # mod 997
-    print(177858%997)
+    # step 3: mod 23
+    print(317%23)
     ```
     ```output
-    392
+    18
     ```
-    #### 392
+    #### 18
 
-Design (issue 14: SOD needs several dependent steps whose divergence can differ):
+Design (issue 14: SOD needs several dependent steps whose divergence can differ, on a task that
+tiny models learn within this machine's budget):
 
-- every step needs the tool: the first is a 3-4 digit number times a 2-digit one (never
-  trivial), the middle one adds or subtracts a 3-digit number to the 4-6 digit product, the
-  last takes the result mod a 3-digit number or multiplies it by one digit 3..9 (answers that
-  a tiny model cannot compute in its head);
+- every step needs the tool: the first is a 2-digit number times one digit 3..9 (never
+  trivial for a model that cannot multiply in its head), the middle one adds or subtracts a
+  2-digit number, the last takes the result mod a 2-digit number or multiplies it by 3..9;
 - the steps are dependent: call k+1 must copy the output of call k (a number that is nowhere in
   the prompt), so one wrong copy, or one wrong operand, makes every later value wrong, and the
   final `#### answer` is right only if every step was;
-- each call opens with a comment that repeats its instruction word for word from the prompt
-  (`# subtract 519`), and every instruction's words are used once per prompt (`multiply by`
-  first, `add`/`subtract`, then `mod`/`times`): the operand is then copied right after its own
-  phrase. Without the comment, a 4x128 teacher SFT'd 600 steps (batch 64) copied the observations
-  and the first call right but mis-copied the later operands from the prompt (accuracy 0.0;
-  docs/results/chain_tool.md);
+- each call opens with a comment that repeats its step's words from the prompt (`# step 2: add
+  35`): the model counts its calls and copies what follows `Step k:` in the prompt, a plain
+  look-up, and the operand it then writes in the code sits right above it;
 - every intermediate stays positive (the subtrahend is smaller than the product), so each
   output is a plain integer line.
+
+Why these sizes (docs/results/chain_tool.md): the first version (3-4 digit start, 2-digit
+multiplier, 3-digit addend and modulus, unnumbered instructions) left a 4x128 teacher at 0.00
+after 1,200 x 64 SFT steps: every trace copies about five numbers of 3-7 digits, and one wrong
+digit anywhere fails it. With the numbers at most four digits and numbered steps, the same
+teacher passes 0.8 after 500 x 64 steps.
 
 The observations are computed with Python's own integers; tests check on a sample that the
 bubblewrap sandbox prints the same text. As for `arith_tool`, SFT masks the observation spans
@@ -68,15 +71,13 @@ from .tool_task import ArithToolTask
 Step = tuple[str, int]
 Problem = tuple[int, tuple[Step, ...]]
 
-# how each operation reads in the prompt and in its call's comment: a multiplication is
-# `multiply by` as the first step and `times` as the last, so no phrase occurs twice in a prompt
-FIRST_PHRASES = {"*": "multiply by {x}"}
+# how each operation reads in the prompt and in its call's comment
 PHRASES = {"+": "add {x}", "-": "subtract {x}", "%": "mod {x}", "*": "times {x}"}
 
 
 def phrase(k: int, op: str, x: int) -> str:
-    """The instruction of step k (0-based) in words: `multiply by 37`, `subtract 519`, ..."""
-    return (FIRST_PHRASES if k == 0 else PHRASES)[op].format(x=x)
+    """The words of step k (0-based): `step 1: times 6`, `step 2: subtract 35`, ..."""
+    return f"step {k + 1}: " + PHRASES[op].format(x=x)
 
 
 def apply(value: int, op: str, x: int) -> int:
@@ -94,27 +95,28 @@ def apply(value: int, op: str, x: int) -> int:
 
 @register_task("chain_tool")
 class ChainToolTask(ArithToolTask):
-    """`Start with 4821. Multiply by 37, then subtract 519, then mod 997.`,
-    answered by three dependent fenced Python calls and `#### <answer>`. From `ArithToolTask`: the
-    observation spans SFT masks out of the labels, `__init__` and `_number`."""
+    """`Start with 47. Step 1: times 6. Step 2: add 35. Step 3: mod 23.`, answered by three
+    dependent fenced Python calls and `#### <answer>`. From `ArithToolTask`: the observation
+    spans SFT masks out of the labels, `__init__` and `_number`."""
 
-    start_digits = (3, 4)
-    mul_digits = (2, 2)  # first step: start * this (from 11)
-    add_digits = (3, 3)  # middle step: + or - this (from 101)
-    mod_digits = (3, 3)  # last step: % this (from 101: a guess is rarely right) ...
+    generator_version = 2  # part of the model cache key (prepare.py): bump when the text changes
+    start_digits = (2, 2)  # from 12
+    mul_digits = (1, 1)  # first step: start * this (3..9)
+    add_digits = (2, 2)  # middle step: + or - this (from 11)
+    mod_digits = (2, 2)  # last step: % this (from 11: a guess is rarely right) ...
     last_mul_digits = (1, 1)  # ... or * this (3..9)
     p_mod = 0.5  # probability that the last step is `%` (else `*`)
 
     def _draw(self, rng: random.Random) -> Problem:  # type: ignore[override]
-        start = self._number(rng, self.start_digits)
-        b = self._number(rng, self.mul_digits, low=11)
+        start = self._number(rng, self.start_digits, low=12)
+        b = self._number(rng, self.mul_digits, low=3)
         product = start * b
         middle_op = rng.choice("+-")
-        c = self._number(rng, self.add_digits, low=101)
+        c = self._number(rng, self.add_digits, low=11)
         if middle_op == "-" and c >= product:  # keep every intermediate positive
             c = c % product or 1
         if rng.random() < self.p_mod:
-            last: Step = ("%", self._number(rng, self.mod_digits, low=101))
+            last: Step = ("%", self._number(rng, self.mod_digits, low=11))
         else:
             last = ("*", self._number(rng, self.last_mul_digits, low=3))
         return start, (("*", b), (middle_op, c), last)
@@ -131,12 +133,11 @@ class ChainToolTask(ArithToolTask):
     @staticmethod
     def prompt(problem: Problem) -> str:
         start, steps = problem
-        phrases = [phrase(k, op, x) for k, (op, x) in enumerate(steps)]
-        return f"Start with {start}. " + ", then ".join(phrases).capitalize() + "."
+        return f"Start with {start}. " + " ".join(f"{phrase(k, op, x).capitalize()}." for k, (op, x) in enumerate(steps))
 
     @classmethod
     def calls(cls, problem: Problem) -> list[str]:
-        """The code of every call: `# <instruction>` then `print(<previous output><op><operand>)`."""
+        """The code of every call: `# step k: <instruction>` then `print(<previous output><op><operand>)`."""
         inputs = [problem[0], *cls.values(problem)[:-1]]
         return [f"# {phrase(k, op, x)}\nprint({v}{op}{x})"
                 for k, (v, (op, x)) in enumerate(zip(inputs, problem[1], strict=True))]  # fmt: skip
