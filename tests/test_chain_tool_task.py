@@ -13,7 +13,7 @@ from lightning_opd.rollout.sandbox import isolation_problem, run_python_batch
 from lightning_opd.rollout.tools import find_tool_call, format_observation, observation_spans
 from tests.test_train import ROOT
 
-CALL = re.compile(r"^# step (\d): (add|subtract|mod|times) (\d+)\nprint\((\d+)([*+\-%])(\d+)\)\n$")
+CALL = re.compile(r"^# Step (\d): (add|subtract|mod|times) (\d+)\nprint\((\d+)([*+\-%])(\d+)\)\n$")
 WORDS = {"times": "*", "add": "+", "subtract": "-", "mod": "%"}
 
 
@@ -74,7 +74,7 @@ def test_every_problem_needs_three_dependent_nontrivial_calls() -> None:
                 in_prompt += str(left) in re.findall(r"(?<!Step )\b\d+\b", ex.prompt)
             # the step's words come from the prompt, which the call's comment repeats
             comment = code.splitlines()[0].removeprefix("# ")
-            assert ex.prompt.lower().count(comment + ".") == 1, (comment, ex.prompt)
+            assert ex.prompt.count(comment + ".") == 1, (comment, ex.prompt)
             value = apply(value, op, right)
             assert out == str(value) and (value > 0 or (k == 2 and op == "%" and value == 0))
         first_left, first_op, first_right = parse_call(codes[0])
@@ -148,5 +148,5 @@ def test_generator_version_keys_the_model_cache() -> None:
     from lightning_opd.prepare import _task_key
 
     chain = load(ROOT / "configs" / "experiment" / "chain_tool_opd.yaml")
-    assert _task_key(chain)["generator_version"] == ChainToolTask.generator_version == 2
+    assert _task_key(chain)["generator_version"] == ChainToolTask.generator_version == 3
     assert "generator_version" not in _task_key(load(ROOT / "configs" / "experiment" / "default.yaml"))

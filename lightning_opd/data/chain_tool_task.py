@@ -8,21 +8,21 @@ and the reference solution is a tool-use trace in the fenced format of `rollout/
 one call per step, each call's left operand the previous call's output:
 
     ```python
-    # step 1: times 6
+    # Step 1: times 6
     print(47*6)
     ```
     ```output
     282
     ```
     ```python
-    # step 2: add 35
+    # Step 2: add 35
     print(282+35)
     ```
     ```output
     317
     ```
     ```python
-    # step 3: mod 23
+    # Step 3: mod 23
     print(317%23)
     ```
     ```output
@@ -39,7 +39,7 @@ tiny models learn within this machine's budget):
 - the steps are dependent: call k+1 must copy the output of call k (a number that is nowhere in
   the prompt), so one wrong copy, or one wrong operand, makes every later value wrong, and the
   final `#### answer` is right only if every step was;
-- each call opens with a comment that repeats its step's words from the prompt (`# step 2: add
+- each call opens with a comment that repeats its step's words from the prompt (`# Step 2: add
   35`): the model counts its calls and copies what follows `Step k:` in the prompt, a plain
   look-up, and the operand it then writes in the code sits right above it;
 - every intermediate stays positive (the subtrahend is smaller than the product), so each
@@ -76,8 +76,8 @@ PHRASES = {"+": "add {x}", "-": "subtract {x}", "%": "mod {x}", "*": "times {x}"
 
 
 def phrase(k: int, op: str, x: int) -> str:
-    """The words of step k (0-based): `step 1: times 6`, `step 2: subtract 35`, ..."""
-    return f"step {k + 1}: " + PHRASES[op].format(x=x)
+    """The words of step k (0-based): `Step 1: times 6`, `Step 2: subtract 35`, ..."""
+    return f"Step {k + 1}: " + PHRASES[op].format(x=x)
 
 
 def apply(value: int, op: str, x: int) -> int:
@@ -99,7 +99,7 @@ class ChainToolTask(ArithToolTask):
     dependent fenced Python calls and `#### <answer>`. From `ArithToolTask`: the observation
     spans SFT masks out of the labels, `__init__` and `_number`."""
 
-    generator_version = 2  # part of the model cache key (prepare.py): bump when the text changes
+    generator_version = 3  # part of the model cache key (prepare.py): bump when the text changes
     start_digits = (2, 2)  # from 12
     mul_digits = (1, 1)  # first step: start * this (3..9)
     add_digits = (2, 2)  # middle step: + or - this (from 11)
@@ -133,11 +133,11 @@ class ChainToolTask(ArithToolTask):
     @staticmethod
     def prompt(problem: Problem) -> str:
         start, steps = problem
-        return f"Start with {start}. " + " ".join(f"{phrase(k, op, x).capitalize()}." for k, (op, x) in enumerate(steps))
+        return f"Start with {start}. " + " ".join(f"{phrase(k, op, x)}." for k, (op, x) in enumerate(steps))
 
     @classmethod
     def calls(cls, problem: Problem) -> list[str]:
-        """The code of every call: `# step k: <instruction>` then `print(<previous output><op><operand>)`."""
+        """The code of every call: `# Step k: <instruction>` then `print(<previous output><op><operand>)`."""
         inputs = [problem[0], *cls.values(problem)[:-1]]
         return [f"# {phrase(k, op, x)}\nprint({v}{op}{x})"
                 for k, (v, (op, x)) in enumerate(zip(inputs, problem[1], strict=True))]  # fmt: skip
