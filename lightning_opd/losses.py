@@ -25,14 +25,14 @@ All math runs in float32 whatever the input dtype; outputs are float32.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from lightning_opd.config import LossConfig
+from lightning_opd.threads import cpu_threads
 
 NEG_INF = float("-inf")
 
@@ -240,30 +240,11 @@ def token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Ten
 # float32 block of about this many bytes, so that the dozen elementwise passes over it run in cache
 # instead of streaming (R, U) temporaries through memory (1 MiB: 6 rows of a 41k-column V∩;
 # measured on the bench-gold rows, 397 x 41,765, one thread: 0.5-1 MiB fastest, 64 MiB 2.5x slower).
-# Other devices take far larger blocks (each pass is a kernel launch there).
+# Other devices take far larger blocks (each pass is a kernel launch there). On the CPU the passes
+# run with one torch thread (threads.cpu_threads): 0.14 s for the fused forward there, 0.25-11 s
+# with two threads on 2 loaded cores.
 BLOCK_BYTES = 2**20
 BLOCK_BYTES_ACCELERATOR = 2**30
-
-
-_OPENMP = "parallel backend: OpenMP" in torch.__config__.parallel_info()
-
-
-@contextlib.contextmanager
-def _one_thread(device: torch.device) -> Iterator[None]:
-    """One torch intra-op thread for the many small per-block ops of the fused passes on the CPU
-    (as align/base.py's `single_threaded` for row building): with more threads each op opens a
-    parallel region, which on busy cores waits a scheduler slice for its other thread. Measured on
-    the bench-gold rows with 2 threads on 2 loaded cores: the fused forward 0.14 s with one thread,
-    0.25-11 s with two."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or not _OPENMP:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _block_rows(width: int, device: torch.device) -> int:
@@ -293,7 +274,7 @@ def gathered_logsumexp(logits: Tensor, rows: Tensor, cols: Tensor | None, temper
     _check_temperature(temperature)
     out = torch.empty(len(rows), dtype=torch.float32, device=logits.device)
     step = _block_rows(logits.shape[1] if cols is None else len(cols), logits.device)
-    with torch.no_grad(), _one_thread(logits.device):
+    with torch.no_grad(), cpu_threads(1, logits.device):
         for lo in range(0, len(rows), step):
             t = _gather(logits, rows[lo : lo + step], cols)
             if temperature != 1.0:
@@ -337,7 +318,7 @@ class _GatheredKL(torch.autograd.Function):
         s_slot = no_slot if student_slot is None else student_slot.detach().float() / temperature
         t_slot = no_slot if teacher_slot is None else teacher_slot.detach().float() / temperature
         step = _block_rows(width, device)
-        with _one_thread(device):
+        with cpu_threads(1, device):
             _GatheredKL._passes(loss, grad, grad_slot, student_logits, teacher_logits, s_slot, t_slot, rows_s, cols_s,
                                 rows_t, cols_t, reverse, temperature, step, want_grad)  # fmt: skip
         if want_grad and temperature != 1.0:
@@ -384,7 +365,7 @@ class _GatheredKL(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_logits = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad_loss.device)
             step = _block_rows(ctx.shape[1], grad_loss.device)
-            with _one_thread(grad_loss.device):
+            with cpu_threads(1, grad_loss.device):
                 for lo in range(0, len(rows_s), step):
                     sl = slice(lo, lo + step)
                     g = grad[sl] * grad_loss[sl, None]  # (r, U)

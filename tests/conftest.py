@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 from lightning_opd.config import TinyModelConfig, TokenizerConfig
 from lightning_opd.models import tiny_model, train_tokenizer
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py imported as a module (the scripts folder is not a package), so tests
+    can call its functions without running its main."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def arithmetic_corpus(n: int = 1500, seed: int = 0) -> list[str]:

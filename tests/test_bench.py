@@ -92,7 +92,8 @@ def test_bench_rejects_bad_lengths(capsys):
 def test_row_building_runs_on_one_torch_thread_and_restores_the_count():
     import torch
 
-    from lightning_opd.align.base import _OPENMP, single_threaded
+    from lightning_opd.align.base import single_threaded
+    from lightning_opd.threads import _OPENMP
 
     if not _OPENMP:
         pytest.skip("torch's native parallel backend cannot change its thread count once used")

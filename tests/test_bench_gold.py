@@ -13,16 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "bench_gold.py"
 
 
 @pytest.fixture(scope="module")
 def bench_gold():
-    spec = importlib.util.spec_from_file_location("bench_gold", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_gold")
 
 
 def test_arguments_and_their_defaults(bench_gold) -> None:

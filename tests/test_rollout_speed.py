@@ -15,6 +15,7 @@ from lightning_opd.config import ConfigError, RolloutConfig, TinyModelConfig, To
 from lightning_opd.models import tiny_model
 from lightning_opd.rollout import generate as gen
 from lightning_opd.rollout.tools import sample_responses
+from lightning_opd.threads import _OPENMP
 
 PROMPTS = ("12+34=", "What is 7-5? Think.", "9", "Add 123 and 456, then subtract 78.")
 
@@ -100,7 +101,7 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.skipif(not gen._OPENMP, reason="the thread count is only changed under OpenMP")
+@pytest.mark.skipif(not _OPENMP, reason="the thread count is only changed under OpenMP")
 @pytest.mark.parametrize("tools", [False, True], ids=["plain", "tool_loop"])
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
 def test_one_rollout_thread_gives_the_same_tokens_and_restores_the_count(split_tokenizer, two_threads, tools,
@@ -124,7 +125,7 @@ def test_one_rollout_thread_gives_the_same_tokens_and_restores_the_count(split_t
     assert (outs[1].loss_mask is not None) == tools
 
 
-@pytest.mark.skipif(not gen._OPENMP, reason="the thread count is only changed under OpenMP")
+@pytest.mark.skipif(not _OPENMP, reason="the thread count is only changed under OpenMP")
 def test_thread_count_is_restored_when_generation_fails(split_tokenizer, two_threads) -> None:
     class Failing(ThreadSpy):
         def generate(self, **kwargs):

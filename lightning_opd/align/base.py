@@ -42,6 +42,7 @@ from lightning_opd import losses
 from lightning_opd.align.offsets import SequenceSegments
 from lightning_opd.align.vocab import SharedVocab
 from lightning_opd.config import AlignerConfig, LossConfig
+from lightning_opd.threads import cpu_threads
 
 if TYPE_CHECKING:  # pairing.py imports this module
     from lightning_opd.align.pairing import TokenizerPair
@@ -388,8 +389,6 @@ def sampled_row_losses(rows: Rows, batch: ScoredBatch, temperature: float) -> to
 ALIGNERS: dict[str, type[Aligner]] = {}
 
 
-_OPENMP = "parallel backend: OpenMP" in torch.__config__.parallel_info()
-
 
 def single_threaded(fn: Callable) -> Callable:
     """Run `fn` with one torch intra-op thread. Row building is bookkeeping on index tensors of a
@@ -401,14 +400,8 @@ def single_threaded(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        threads = torch.get_num_threads()
-        if threads == 1 or not _OPENMP:
+        with cpu_threads(1):
             return fn(*args, **kwargs)
-        torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
 
     return wrapper
 

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_opd.align.base import ScoredSide
-from lightning_opd.losses import _one_thread as one_thread
+from lightning_opd.threads import cpu_threads
 
 # model -> whether its restricted scoring reproduced its own logits (checked once per model)
 _CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
@@ -133,7 +133,7 @@ class ColumnHead:
         for lo in range(0, max(n, 1), self.chunk):
             h = hidden[lo : lo + self.chunk]
             if hidden.device.type == "cpu" and weight.shape[0] > HEAD_BLOCK_COLUMNS:
-                with one_thread(hidden.device):  # many small ops: see losses._one_thread
+                with cpu_threads(1, hidden.device):  # many small ops (threads.py)
                     self._compute_blocked(h, weight, bias, columns, lambda z, lo=lo: logits_for(z)[lo : lo + self.chunk],
                                           normaliser[lo : lo + self.chunk])  # fmt: skip
                 continue

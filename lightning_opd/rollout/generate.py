@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lightning_opd.config import RolloutConfig
+from lightning_opd.threads import cpu_threads
 
 if TYPE_CHECKING:
     from lightning_opd.align.columns import ColumnHead
@@ -56,8 +57,6 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-_OPENMP = "parallel backend: OpenMP" in torch.__config__.parallel_info()
-
 
 @contextlib.contextmanager
 def rollout_threads(cfg: RolloutConfig, model: torch.nn.Module):
@@ -69,16 +68,8 @@ def rollout_threads(cfg: RolloutConfig, model: torch.nn.Module):
     other threads. Measured on 2 busy cores (docs/performance.md, "Rollout: KV cache and
     threads"): the tiny default's untrained student answering 64 prompts took 0.7-1.1 s with
     one thread and 4.9-24 s with two, the same tokens."""
-    threads = cfg.cpu_threads
-    before = torch.get_num_threads()
-    if threads <= 0 or threads == before or not _OPENMP or _device(model).type != "cpu":
+    with cpu_threads(cfg.cpu_threads, _device(model)):
         yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
